@@ -32,7 +32,7 @@ class BundleError(MmedgeError):
     """A bundle is missing files, has a bad manifest, fails checksums or golden vectors."""
 
 
-class IndexError_(MmedgeError):
+class SearchIndexError(MmedgeError):
     """An index is missing, corrupt, or built for another embedding space."""
 
 
