@@ -1,0 +1,92 @@
+"""Training configuration. One dataclass tree, stored as JSON with every checkpoint
+and in the bundle manifest, so a model is rebuilt from its files, never from code
+defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmedge.errors import TrainError
+
+
+@dataclass
+class ImageTowerConfig:
+    image_size: int = 64  # input side in pixels (images are resized to this)
+    width: int = 24  # channels of the first conv; doubled at the 2nd and 3rd stride-2 conv
+    feature_dim: int = 256  # tower output (and autoencoder bottleneck) size
+
+
+@dataclass
+class TextTowerConfig:
+    vocab_size: int = 0  # filled in from the trained tokenizer
+    max_length: int = 48  # tokens per text incl. [CLS]; longer texts are truncated
+    width: int = 128  # transformer model width
+    layers: int = 2  # transformer blocks
+    heads: int = 4  # attention heads
+    mlp_ratio: int = 2  # hidden size of the MLP = width * mlp_ratio
+    tokenizer_vocab: int = 4000  # BPE vocabulary budget when training the tokenizer
+
+
+@dataclass
+class Stage1Config:
+    """Unsupervised pre-training of each tower (can use unpaired images and texts)."""
+
+    enabled: bool = True
+    image_epochs: int = 2  # denoising convolutional autoencoder
+    text_epochs: int = 3  # masked-token reconstruction
+    batch_size: int = 128
+    lr: float = 2e-3
+    noise_std: float = 0.1  # gaussian noise on normalised pixels (denoising AE)
+    mask_prob: float = 0.15  # fraction of tokens masked for the text objective
+
+
+@dataclass
+class Stage2Config:
+    """Cross-modal alignment with a symmetric InfoNCE loss."""
+
+    epochs: int = 16
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05  # linear warm-up, then cosine decay
+    embed_dim: int = 128  # shared embedding size before PCA
+    init_temperature: float = 0.07  # learnable; logit scale is clamped at 100
+    adversarial: bool = False  # add a modality discriminator behind gradient reversal
+    adv_weight: float = 0.1  # weight of the discriminator loss
+    adv_hidden: int = 128  # discriminator hidden size
+
+
+@dataclass
+class TrainConfig:
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    pca_dim: int | None = None  # project embeddings to this many dims (fitted on train data)
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    resize_filter: str = "bicubic"  # Pillow filter used when an image is not image_size
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        try:
+            return cls(
+                image=ImageTowerConfig(**d.get("image", {})),
+                text=TextTowerConfig(**d.get("text", {})),
+                stage1=Stage1Config(**d.get("stage1", {})),
+                stage2=Stage2Config(**d.get("stage2", {})),
+                **{k: (tuple(v) if k == "alpha_background" else v)
+                   for k, v in d.items() if k not in ("image", "text", "stage1", "stage2")},
+            )
+        except TypeError as e:
+            raise TrainError(f"bad training config: {e}") from None

@@ -1,0 +1,190 @@
+"""The two towers, their stage-1 heads, the aligned dual encoder and the
+modality discriminator. Plain layers only, so that every graph exports to ONNX
+and quantises without special cases."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmedge.train.config import ImageTowerConfig, TextTowerConfig
+
+
+class ImageTower(nn.Module):
+    """(B, 3, S, S) normalised pixels -> (B, feature_dim).
+
+    Four stride-2 convolutions keep a coarse spatial grid that is flattened, not
+    pooled, so the tower can tell where things are (captions name positions).
+    No batch norm: on two CPU cores it halves training speed for no gain here.
+    """
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        chans = [3, w, 2 * w, 4 * w, 4 * w]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
+        self.grid = cfg.image_size // 16
+        self.fc = nn.Linear(chans[-1] * self.grid * self.grid, cfg.feature_dim)
+        self.out_channels = chans[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs(x)  # (B, 4w, S/16, S/16)
+        return self.fc(h.flatten(1))  # (B, F)
+
+
+class ImageDecoder(nn.Module):
+    """(B, feature_dim) -> (B, 3, S, S) reconstruction, mirror of ImageTower."""
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        self.grid = cfg.image_size // 16
+        self.c0 = 4 * w
+        self.fc = nn.Linear(cfg.feature_dim, self.c0 * self.grid * self.grid)
+        chans = [4 * w, 4 * w, 2 * w, w]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(w, 3, 4, stride=2, padding=1)]
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(z)).view(-1, self.c0, self.grid, self.grid)
+        return self.deconvs(h)
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block with hand-written attention (exports to plain MatMuls)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width * mlp_ratio)
+        self.fc2 = nn.Linear(width * mlp_ratio, width)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+        qkv = self.qkv(self.ln1(x)).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, d/H)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h)) + bias  # (B, H, T, T)
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TextTower(nn.Module):
+    """(B, T) token ids + (B, T) mask -> per-token states (B, T, W) and pooled (B, W)."""
+
+    def __init__(self, cfg: TextTowerConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("TextTowerConfig.vocab_size must be set from the tokenizer")
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.max_length, cfg.width))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(
+            [_Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)]
+        )
+        self.ln = nn.LayerNorm(cfg.width)
+        self.feature_dim = cfg.width
+
+    def states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.tok(ids) + self.pos[:, :t]  # (B, T, W)
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -1e4  # (B, 1, 1, T)
+        for blk in self.blocks:
+            x = blk(x, bias)
+        return self.ln(x)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.states(ids, mask)
+        m = mask[:, :, None].to(x.dtype)  # (B, T, 1)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1.0)  # masked mean, (B, W)
+
+
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return -ctx.lam * g, None
+
+
+class ModalityDiscriminator(nn.Module):
+    """Guesses whether an embedding came from an image (1) or a text (0)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, e: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+        return self.net(GradReverse.apply(e, lam)).squeeze(-1)
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers with projection heads into one L2-normalised space,
+    plus an optional PCA (mean, components) folded into both encoders."""
+
+    def __init__(self, icfg: ImageTowerConfig, tcfg: TextTowerConfig, embed_dim: int,
+                 init_temperature: float = 0.07, pca_dim: int | None = None) -> None:
+        super().__init__()
+        self.image_tower = ImageTower(icfg)
+        self.text_tower = TextTower(tcfg)
+        self.image_proj = nn.Linear(icfg.feature_dim, embed_dim)
+        self.text_proj = nn.Linear(tcfg.width, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        k = pca_dim or 0
+        self.register_buffer("pca_mean", torch.zeros(embed_dim if k else 0))
+        self.register_buffer("pca_components", torch.zeros(embed_dim if k else 0, k))
+
+    @property
+    def out_dim(self) -> int:
+        return self.pca_components.shape[1] if self.pca_components.numel() else self.image_proj.out_features
+
+    def _finish(self, z: torch.Tensor, use_pca: bool = True) -> torch.Tensor:
+        e = F.normalize(z, dim=-1)
+        if use_pca and self.pca_components.numel():
+            e = F.normalize((e - self.pca_mean) @ self.pca_components, dim=-1)
+        return e
+
+    def encode_image(self, pixels: torch.Tensor, use_pca: bool = True) -> torch.Tensor:
+        return self._finish(self.image_proj(self.image_tower(pixels)), use_pca)  # (B, D)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, use_pca: bool = True) -> torch.Tensor:
+        return self._finish(self.text_proj(self.text_tower(ids, mask)), use_pca)  # (B, D)
+
+
+class ImageExport(nn.Module):
+    """Graph exported as image.onnx: pixel_values -> embedding."""
+
+    def __init__(self, model: DualEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+
+class TextExport(nn.Module):
+    """Graph exported as text.onnx: (input_ids, attention_mask) -> embedding."""
+
+    def __init__(self, model: DualEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)

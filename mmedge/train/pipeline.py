@@ -1,0 +1,509 @@
+"""The training pipeline: stage 1 (per-modality autoencoders), stage 2
+(contrastive alignment, optionally adversarial), PCA.
+
+A run folder holds everything export needs::
+
+    RUN/tokenizer.json      the trained tokenizer
+    RUN/preprocess.json     image preprocessing (size, filter, mean/std from the data)
+    RUN/config.json         the TrainConfig
+    RUN/model.pt            DualEncoder weights (a state dict of tensors only)
+    RUN/metrics.json        validation figures and timings
+    RUN/stage1/image.pt, RUN/stage1/text.pt, RUN/stage2/checkpoint.pt   checkpoints
+
+Every checkpoint is a dict of tensors, numbers and strings (the config as JSON)
+and is read back with ``torch.load(weights_only=True)``. Each stage checkpoints
+after every epoch and resumes from there; a stage whose inputs (config, data,
+seed) are unchanged is reused, so changing only stage 2 does not re-run stage 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+
+from mmedge.data import LoadResult, load_pairs
+from mmedge.errors import TrainError
+from mmedge.runtime.preprocess import PreprocessConfig, load_image, to_uint8
+from mmedge.runtime.tokenizer import TextTokenizer
+from mmedge.train.config import TrainConfig
+from mmedge.train.models import DualEncoder, ImageDecoder, ImageTower, ModalityDiscriminator, TextTower
+from mmedge.train.tokenizer import MASK_ID, PAD_ID, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+# on_progress(stage, step, total, metrics): called after every optimiser step and at stage ends.
+ProgressFn = Callable[[str, int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    config: TrainConfig
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Tensors:
+    """A dataset in memory: uint8 pixels (N, S, S, 3) and padded token ids/mask (N, T)."""
+
+    pixels: np.ndarray
+    ids: np.ndarray
+    mask: np.ndarray
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load_ckpt(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise TrainError(f"{path}: unreadable checkpoint ({e.__class__.__name__}: {e})") from None
+
+
+def load_images_uint8(paths: Sequence[Path], cfg: PreprocessConfig) -> np.ndarray:
+    """Decode and resize images exactly as the runtime does -> (N, S, S, 3) uint8."""
+    out = np.empty((len(paths), cfg.size[0], cfg.size[1], 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        out[i] = to_uint8(load_image(p, cfg), cfg)
+    return out
+
+
+def _normalize(pixels_u8: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, the same arithmetic as the runtime."""
+    x = torch.from_numpy(pixels_u8).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(cfg.std, dtype=torch.float32)[None, :, None, None]
+    return (x - mean) / std
+
+
+def _batches(n: int, batch_size: int, seed: int, tag: int, epoch: int, drop_last: bool) -> Iterator[np.ndarray]:
+    perm = np.random.default_rng([seed, tag, epoch]).permutation(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for s in range(0, stop, batch_size):
+        yield perm[s : s + batch_size]
+
+
+def _lr_at(step: int, total: int, base: float, warmup_frac: float) -> float:
+    warm = max(1, int(total * warmup_frac))
+    if step < warm:
+        return base * (step + 1) / warm
+    prog = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
+
+
+def _trim(ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(1, int(mask.sum(1).max()))
+    return torch.from_numpy(ids[:, :t]), torch.from_numpy(mask[:, :t])
+
+
+def _run_epochs(
+    name: str,
+    ckpt_path: Path,
+    key: str,
+    modules: dict[str, nn.Module],
+    opt: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    base_lr: float,
+    warmup_frac: float,
+    epoch_batches: Callable[[int], Iterator[Any]],
+    step: Callable[[Any], dict[str, torch.Tensor]],
+    on_progress: ProgressFn | None,
+    end_of_epoch: Callable[[int], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """Generic resumable loop: checkpoint after every epoch, resume from the last one."""
+    start = 0
+    ck = _load_ckpt(ckpt_path)
+    if ck is not None and ck.get("key") == key:
+        for n, m in modules.items():
+            m.load_state_dict(ck["modules"][n])
+        opt.load_state_dict(ck["opt"])
+        start = int(ck["epoch"]) + 1
+        log.info("%s: resuming after epoch %d", name, start)
+    total = epochs * steps_per_epoch
+    last: dict[str, float] = {}
+    for epoch in range(start, epochs):
+        for m in modules.values():
+            m.train()
+        for i, batch in enumerate(epoch_batches(epoch)):
+            gstep = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(gstep, total, base_lr, warmup_frac)
+            losses = step(batch)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            last = {k: float(v.detach()) for k, v in losses.items()}
+            if on_progress:
+                on_progress(name, gstep + 1, total, last)
+        if end_of_epoch is not None:
+            last.update(end_of_epoch(epoch))
+            if on_progress:
+                on_progress(name, (epoch + 1) * steps_per_epoch, total, last)
+        _atomic_torch_save(
+            {"key": key, "epoch": epoch, "modules": {n: m.state_dict() for n, m in modules.items()},
+             "opt": opt.state_dict()},
+            ckpt_path,
+        )
+    return last
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _stage1_image(cfg: TrainConfig, pixels_u8: np.ndarray, pcfg: PreprocessConfig, run: Path,
+                  on_progress: ProgressFn | None) -> tuple[dict[str, torch.Tensor], str]:
+    s1 = cfg.stage1
+    key = _digest("image-ae", cfg.image, s1, cfg.seed, pixels_u8[:: max(1, len(pixels_u8) // 256)], len(pixels_u8))
+    final = run / "stage1" / "image.pt"
+    ck = _load_ckpt(final)
+    if ck is not None and ck.get("key") == key and ck.get("done"):
+        return ck["modules"]["tower"], key
+    torch.manual_seed(cfg.seed)
+    tower, dec = ImageTower(cfg.image), ImageDecoder(cfg.image)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(dec.parameters()), lr=s1.lr, weight_decay=1e-4)
+    n = len(pixels_u8)
+    spe = math.ceil(n / s1.batch_size)
+
+    def batches(epoch: int) -> Iterator[Any]:
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        for idx in _batches(n, s1.batch_size, cfg.seed, 1, epoch, drop_last=False):
+            x = _normalize(pixels_u8[idx], pcfg)
+            yield x, x + s1.noise_std * torch.randn(x.shape, generator=g)
+
+    def step(b: Any) -> dict[str, torch.Tensor]:
+        clean, noisy = b
+        return {"loss": F.mse_loss(dec(tower(noisy)), clean)}
+
+    _run_epochs("stage1-image", run / "stage1" / "image.ckpt", key, {"tower": tower, "dec": dec}, opt,
+                s1.image_epochs, spe, s1.lr, 0.05, batches, step, on_progress)
+    _atomic_torch_save({"key": key, "done": True, "config": cfg.to_json(),
+                        "modules": {"tower": tower.state_dict()}}, final)
+    return tower.state_dict(), key
+
+
+def _stage1_text(cfg: TrainConfig, ids: np.ndarray, mask: np.ndarray, run: Path,
+                 on_progress: ProgressFn | None) -> tuple[dict[str, torch.Tensor], str]:
+    s1 = cfg.stage1
+    key = _digest("text-mlm", cfg.text, s1, cfg.seed, ids)
+    final = run / "stage1" / "text.pt"
+    ck = _load_ckpt(final)
+    if ck is not None and ck.get("key") == key and ck.get("done"):
+        return ck["modules"]["tower"], key
+    torch.manual_seed(cfg.seed + 1)
+    tower = TextTower(cfg.text)
+    head = nn.Linear(cfg.text.width, cfg.text.vocab_size)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=s1.lr, weight_decay=0.01)
+    n = len(ids)
+    spe = math.ceil(n / s1.batch_size)
+
+    def batches(epoch: int) -> Iterator[Any]:
+        g = torch.Generator().manual_seed(cfg.seed * 104729 + epoch)
+        for idx in _batches(n, s1.batch_size, cfg.seed, 2, epoch, drop_last=False):
+            tid, tmask = _trim(ids[idx], mask[idx])
+            # mask real tokens except [CLS] (position 0); at least one per row
+            cand = tmask.bool().clone()
+            cand[:, 0] = False
+            pick = (torch.rand(tid.shape, generator=g) < s1.mask_prob) & cand
+            first = cand.float().argmax(1)
+            pick[torch.arange(len(pick)), first] |= cand[torch.arange(len(pick)), first]
+            yield tid.masked_fill(pick, MASK_ID), tmask, tid, pick
+
+    def step(b: Any) -> dict[str, torch.Tensor]:
+        inp, tmask, target, pick = b
+        logits = head(tower.states(inp, tmask))  # (B, T, V)
+        return {"loss": F.cross_entropy(logits[pick], target[pick])}
+
+    _run_epochs("stage1-text", run / "stage1" / "text.ckpt", key, {"tower": tower, "head": head}, opt,
+                s1.text_epochs, spe, s1.lr, 0.05, batches, step, on_progress)
+    _atomic_torch_save({"key": key, "done": True, "config": cfg.to_json(),
+                        "modules": {"tower": tower.state_dict()}}, final)
+    return tower.state_dict(), key
+
+
+@torch.no_grad()
+def embed_all(model: DualEncoder, data: Tensors, pcfg: PreprocessConfig, use_pca: bool = True,
+              batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) image and text embeddings of a dataset held in memory."""
+    model.eval()
+    img, txt = [], []
+    for s in range(0, len(data.pixels), batch_size):
+        img.append(model.encode_image(_normalize(data.pixels[s : s + batch_size], pcfg), use_pca))
+        tid, tmask = _trim(data.ids[s : s + batch_size], data.mask[s : s + batch_size])
+        txt.append(model.encode_text(tid, tmask, use_pca))
+    return torch.cat(img).numpy(), torch.cat(txt).numpy()
+
+
+def quick_recall(img: np.ndarray, txt: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Paired recall@k both ways (query i's only positive is item i)."""
+    sim = txt @ img.T
+    diag = np.diag(sim)[:, None]
+    t2i = float(((sim > diag).sum(1) < k).mean())
+    i2t = float(((sim.T > diag).sum(1) < k).mean())
+    return {f"val_t2i_R@{k}": t2i, f"val_i2t_R@{k}": i2t}
+
+
+def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: PreprocessConfig,
+            image_init: dict[str, torch.Tensor] | None, text_init: dict[str, torch.Tensor] | None,
+            init_key: str, run: Path, on_progress: ProgressFn | None) -> DualEncoder:
+    s2 = cfg.stage2
+    torch.manual_seed(cfg.seed + 2)
+    model = DualEncoder(cfg.image, cfg.text, s2.embed_dim, s2.init_temperature, pca_dim=None)
+    if image_init is not None:
+        model.image_tower.load_state_dict(image_init)
+    if text_init is not None:
+        model.text_tower.load_state_dict(text_init)
+    disc = ModalityDiscriminator(s2.embed_dim, s2.adv_hidden) if s2.adversarial else None
+    modules: dict[str, nn.Module] = {"model": model}
+    params = list(model.parameters())
+    if disc is not None:
+        modules["disc"] = disc
+        params += list(disc.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s2.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s2.lr)
+    n = len(train.pixels)
+    if n < 2:
+        raise TrainError(f"stage 2 needs at least 2 training pairs, got {n}")
+    bs = min(s2.batch_size, n)
+    spe = n // bs
+    key = _digest("stage2", s2, cfg.image, cfg.text, cfg.seed, init_key, train.ids, n)
+
+    def batches(epoch: int) -> Iterator[Any]:
+        for idx in _batches(n, bs, cfg.seed, 3, epoch, drop_last=True):
+            tid, tmask = _trim(train.ids[idx], train.mask[idx])
+            yield _normalize(train.pixels[idx], pcfg), tid, tmask
+
+    labels_cache: dict[int, torch.Tensor] = {}
+
+    def step(b: Any) -> dict[str, torch.Tensor]:
+        px, tid, tmask = b
+        ie = model.encode_image(px, use_pca=False)  # (B, E)
+        te = model.encode_text(tid, tmask, use_pca=False)  # (B, E)
+        scale = model.logit_scale.clamp(max=math.log(100.0)).exp()
+        logits = scale * ie @ te.T  # (B, B)
+        tgt = labels_cache.setdefault(len(px), torch.arange(len(px)))
+        clip = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+        out = {"loss": clip, "clip": clip.detach(), "temp": (1.0 / scale).detach()}
+        if disc is not None:
+            both = torch.cat([ie, te])
+            lab = torch.cat([torch.ones(len(ie)), torch.zeros(len(te))])
+            adv = F.binary_cross_entropy_with_logits(disc(both, 1.0), lab)
+            out["loss"] = clip + s2.adv_weight * adv
+            out["adv"] = adv.detach()
+        return out
+
+    def end_of_epoch(epoch: int) -> dict[str, float]:
+        if val is None or len(val.pixels) < 2:
+            return {}
+        img, txt = embed_all(model, val, pcfg, use_pca=False)
+        return quick_recall(img, txt)
+
+    _run_epochs("stage2", run / "stage2" / "checkpoint.pt", key, modules, opt, s2.epochs, spe, s2.lr,
+                s2.warmup_frac, batches, step, on_progress, end_of_epoch)
+    model.eval()
+    return model
+
+
+def fit_pca(img: np.ndarray, txt: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the pooled, normalised train embeddings of both modalities -> (mean (E,), components (E, k))."""
+    x = np.concatenate([img, txt]).astype(np.float64)
+    if dim <= 0 or dim > x.shape[1]:
+        raise TrainError(f"pca_dim must be in 1..{x.shape[1]}, got {dim}")
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean.astype(np.float32), vt[:dim].T.astype(np.float32).copy()
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def _as_pairs(data: str | Path | LoadResult) -> LoadResult:
+    return data if isinstance(data, LoadResult) else load_pairs(data)
+
+
+def prepare(pairs: LoadResult, tokenizer: TextTokenizer, pcfg: PreprocessConfig) -> Tensors:
+    pixels = load_images_uint8([p.image for p in pairs.pairs], pcfg)
+    ids, mask = tokenize_all(tokenizer, [p.caption for p in pairs.pairs])
+    return Tensors(pixels, ids, mask)
+
+
+def tokenize_all(tokenizer: TextTokenizer, texts: Sequence[str], chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and mask (N, max_length) int64, through the runtime tokenizer in chunks."""
+    ids = np.full((len(texts), tokenizer.max_length), tokenizer.pad_id, dtype=np.int64)
+    mask = np.zeros((len(texts), tokenizer.max_length), dtype=np.int64)
+    for s in range(0, len(texts), chunk):
+        i, m = tokenizer.encode(list(texts[s : s + chunk]))
+        ids[s : s + len(i), : i.shape[1]] = i
+        mask[s : s + len(m), : m.shape[1]] = m
+    return ids, mask
+
+
+def train(
+    data: str | Path | LoadResult,
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    val_data: str | Path | LoadResult | None = None,
+    on_progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Run stage 1, stage 2 and PCA on paired data; write the run folder.
+
+    ``data``/``val_data``: a dataset path any :func:`mmedge.data.load_pairs` format
+    reads, or an already loaded :class:`LoadResult`. Re-running with the same
+    ``run_dir`` resumes or reuses finished stages.
+    """
+    cfg = config or TrainConfig()
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    pairs = _as_pairs(data)
+    if len(pairs.pairs) < 2:
+        raise TrainError(f"{pairs.source}: need at least 2 pairs to train, found {len(pairs.pairs)}")
+    val_pairs = _as_pairs(val_data) if val_data is not None else None
+
+    # tokenizer: retrained only when the captions or its settings change
+    captions = [p.caption for p in pairs.pairs]
+    tok_key = _digest("tok", captions, cfg.text.tokenizer_vocab, cfg.text.max_length)
+    tok_path = run / "tokenizer.json"
+    tok_meta = run / "tokenizer.key"
+    if not (tok_path.exists() and tok_meta.exists() and tok_meta.read_text() == tok_key):
+        train_tokenizer(captions, cfg.text.tokenizer_vocab, cfg.text.max_length, tok_path)
+        _atomic_write_text(tok_meta, tok_key)
+    tokenizer = TextTokenizer(tok_path, max_length=cfg.text.max_length, pad_id=PAD_ID)
+    cfg.text.vocab_size = Tokenizer.from_file(str(tok_path)).get_vocab_size()
+
+    # images, then per-channel statistics of the training set for normalisation
+    s = cfg.image.image_size
+    raw_cfg = PreprocessConfig(size=(s, s), resize_filter=cfg.resize_filter, mean=(0.0, 0.0, 0.0),
+                               std=(1.0, 1.0, 1.0), alpha_background=tuple(cfg.alpha_background))
+    train_t = prepare(pairs, tokenizer, raw_cfg)
+    px = train_t.pixels.reshape(-1, 3).astype(np.float64) / 255.0
+    mean = tuple(float(v) for v in px.mean(0))
+    std = tuple(float(max(v, 1e-3)) for v in px.std(0))
+    pcfg = PreprocessConfig(size=(s, s), resize_filter=cfg.resize_filter, mean=mean, std=std,
+                            alpha_background=tuple(cfg.alpha_background))
+    _atomic_write_text(run / "preprocess.json", json.dumps(pcfg.to_manifest(), indent=2))
+    val_t = prepare(val_pairs, tokenizer, pcfg) if val_pairs is not None else None
+    timings["load_s"] = time.perf_counter() - t0
+
+    image_init = text_init = None
+    init_key = "scratch"
+    if cfg.stage1.enabled:
+        t = time.perf_counter()
+        image_init, ik = _stage1_image(cfg, train_t.pixels, pcfg, run, on_progress)
+        text_init, tk = _stage1_text(cfg, train_t.ids, train_t.mask, run, on_progress)
+        init_key = ik + tk
+        timings["stage1_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model = _stage2(cfg, train_t, val_t, pcfg, image_init, text_init, init_key, run, on_progress)
+    timings["stage2_s"] = time.perf_counter() - t
+
+    metrics: dict[str, Any] = {}
+    if cfg.pca_dim:
+        img, txt = embed_all(model, train_t, pcfg, use_pca=False)
+        mean_v, comps = fit_pca(img, txt, cfg.pca_dim)
+        kept = DualEncoder(cfg.image, cfg.text, cfg.stage2.embed_dim, cfg.stage2.init_temperature, cfg.pca_dim)
+        state = model.state_dict()
+        state["pca_mean"] = torch.from_numpy(mean_v)
+        state["pca_components"] = torch.from_numpy(comps)
+        kept.load_state_dict(state)
+        model = kept.eval()
+    if val_t is not None and len(val_t.pixels) >= 2:
+        metrics.update(quick_recall(*embed_all(model, val_t, pcfg)))
+    timings["total_s"] = time.perf_counter() - t0
+    metrics["timings"] = timings
+    metrics["n_train"] = len(pairs.pairs)
+    metrics["params"] = {
+        "image": sum(p.numel() for p in model.image_tower.parameters()) + sum(p.numel() for p in model.image_proj.parameters()),
+        "text": sum(p.numel() for p in model.text_tower.parameters()) + sum(p.numel() for p in model.text_proj.parameters()),
+    }
+
+    # held-out inputs for export's parity check, and int8 calibration images
+    rng = np.random.default_rng(cfg.seed)
+    if val_t is not None and len(val_t.pixels) >= 8:
+        held_px, held_txt = val_t.pixels[:64], [p.caption for p in val_pairs.pairs[:64]]  # type: ignore[union-attr]
+    else:
+        held_px, held_txt = train_t.pixels[-64:], captions[-64:]
+    calib = train_t.pixels[rng.choice(len(train_t.pixels), min(256, len(train_t.pixels)), replace=False)]
+    _save_samples(run, held_px, held_txt, calib)
+
+    _atomic_torch_save({k: v.detach().clone() for k, v in model.state_dict().items()}, run / "model.pt")
+    _atomic_write_text(run / "config.json", cfg.to_json())
+    _atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2))
+    return TrainResult(run, cfg, metrics)
+
+
+def _save_samples(run: Path, held_px: np.ndarray, held_txt: list[str], calib_px: np.ndarray) -> None:
+    for name, arr in (("samples.npy", held_px), ("calib.npy", calib_px)):
+        tmp = run / (name + ".tmp.npy")
+        np.save(tmp, np.ascontiguousarray(arr, dtype=np.uint8), allow_pickle=False)
+        os.replace(tmp, run / name)
+    _atomic_write_text(run / "samples.json", json.dumps(held_txt))
+
+
+def load_run(run_dir: str | Path) -> tuple[DualEncoder, TrainConfig, PreprocessConfig, Path]:
+    """Rebuild the trained DualEncoder from a run folder (no pickled code)."""
+    run = Path(run_dir)
+    for name in ("config.json", "model.pt", "preprocess.json", "tokenizer.json"):
+        if not (run / name).exists():
+            raise TrainError(f"{run}: not a finished training run ({name} missing)")
+    try:
+        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+        pcfg = PreprocessConfig.from_manifest(json.loads((run / "preprocess.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{run}: bad JSON in run folder ({e})") from None
+    model = DualEncoder(cfg.image, cfg.text, cfg.stage2.embed_dim, cfg.stage2.init_temperature, cfg.pca_dim)
+    state = _load_ckpt(run / "model.pt")
+    assert state is not None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise TrainError(f"{run / 'model.pt'}: weights do not match config.json ({e})") from None
+    return model.eval(), cfg, pcfg, run / "tokenizer.json"
