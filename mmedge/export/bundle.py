@@ -155,6 +155,9 @@ def export(
     say = on_progress or (lambda _msg: None)
     model, cfg, pcfg, tok_path = load_run(run_dir)
     run = Path(run_dir)
+    for name in ("samples.npy", "samples.json", "calib.npy"):
+        if not (run / name).is_file():
+            raise ExportError(f"{run}: not a finished training run ({name} missing)")
     samples_px = np.load(run / "samples.npy", allow_pickle=False)  # (N, S, S, 3) uint8, held out
     samples_txt: list[str] = json.loads((run / "samples.json").read_text())
     calib_px = np.load(run / "calib.npy", allow_pickle=False)  # (M, S, S, 3) uint8, train images
