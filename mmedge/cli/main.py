@@ -366,7 +366,7 @@ def query(
         raise UsageError(f"-k must be at least 1, got {k}")
     from mmedge.runtime.retriever import Retriever
 
-    r = Retriever(bundle, index, providers=provider, threads=threads)
+    r = Retriever(bundle, index, providers=provider, threads=threads, readonly=True)
     hits = r.search(text=text, k=k) if text is not None else r.search(image=image, k=k)
     if as_json:
         _out(json.dumps([_hit_dict(h) for h in hits], indent=2, ensure_ascii=False))
@@ -432,20 +432,17 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:  # click usage errors (typer may vendor its own click) and the unexpected
+        if type(e).__name__ == "Abort":
             _err("aborted")
             sys.exit(1)
-        if isinstance(e, click.ClickException):
-            e.show()
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
+            e.show()  # click's own one-line usage message
             sys.exit(e.exit_code)
         if debug:
             raise
         _err(f"error: {e.__class__.__name__}: {e} (run with --debug for the traceback)")
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

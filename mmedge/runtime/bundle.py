@@ -291,6 +291,7 @@ def _atomic_write_bytes(target: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a bundle is meant to be shared read-only
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -15,7 +15,7 @@ from mmedge.errors import TrainError
 @dataclass
 class ImageTowerConfig:
     image_size: int = 64  # input side in pixels (images are resized to this)
-    width: int = 24  # channels of the first conv; doubled at the 2nd and 3rd stride-2 conv
+    width: int = 16  # channels of the first conv; doubled at the 2nd and 3rd stride-2 conv
     feature_dim: int = 256  # tower output (and autoencoder bottleneck) size
 
 
@@ -23,7 +23,7 @@ class ImageTowerConfig:
 class TextTowerConfig:
     vocab_size: int = 0  # filled in from the trained tokenizer
     max_length: int = 48  # tokens per text incl. [CLS]; longer texts are truncated
-    width: int = 128  # transformer model width
+    width: int = 96  # transformer model width
     layers: int = 2  # transformer blocks
     heads: int = 4  # attention heads
     mlp_ratio: int = 2  # hidden size of the MLP = width * mlp_ratio
@@ -35,8 +35,8 @@ class Stage1Config:
     """Unsupervised pre-training of each tower (can use unpaired images and texts)."""
 
     enabled: bool = True
-    image_epochs: int = 2  # denoising convolutional autoencoder
-    text_epochs: int = 3  # masked-token reconstruction
+    image_epochs: int = 1  # denoising convolutional autoencoder
+    text_epochs: int = 2  # masked-token reconstruction
     batch_size: int = 128
     lr: float = 2e-3
     noise_std: float = 0.1  # gaussian noise on normalised pixels (denoising AE)
@@ -47,7 +47,7 @@ class Stage1Config:
 class Stage2Config:
     """Cross-modal alignment with a symmetric InfoNCE loss."""
 
-    epochs: int = 16
+    epochs: int = 8
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.05
