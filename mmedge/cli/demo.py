@@ -42,7 +42,7 @@ def run_demo(
     from mmedge.runtime.evaluate import evaluate
     from mmedge.runtime.index import Index, Item
     from mmedge.runtime.retriever import Retriever
-    from mmedge.train.config import TrainConfig
+    from mmedge.train.config import synthetic_recipe
     from mmedge.train.pipeline import train
 
     step = on_step or (lambda *_: None)
@@ -55,7 +55,7 @@ def run_demo(
                     on_progress=lambda d, n: step("generating data", d, n))
     timings["data_s"] = time.perf_counter() - t
 
-    cfg = TrainConfig(seed=seed)
+    cfg = synthetic_recipe(seed)
     if epochs is not None:
         cfg.stage2.epochs = epochs
     t = time.perf_counter()

@@ -90,3 +90,18 @@ class TrainConfig:
             )
         except TypeError as e:
             raise TrainError(f"bad training config: {e}") from None
+
+
+def synthetic_recipe(seed: int = 0) -> TrainConfig:
+    """The recipe ``mmedge demo`` uses on the built-in synthetic shapes data, pinned
+    here so that changes to the general defaults do not change the demo.
+    Measured: about 2 minutes of training on 2 CPU cores, text->image R@10 = 1.0 on
+    the 1,000-pair test split (see README)."""
+    return TrainConfig(
+        image=ImageTowerConfig(image_size=64, width=16, feature_dim=256),
+        text=TextTowerConfig(max_length=48, width=96, layers=2, heads=4, mlp_ratio=2, tokenizer_vocab=4000),
+        stage1=Stage1Config(enabled=True, image_epochs=1, text_epochs=2, batch_size=128, lr=2e-3),
+        stage2=Stage2Config(epochs=8, batch_size=256, lr=2e-3, embed_dim=128),
+        pca_dim=None,
+        seed=seed,
+    )
