@@ -213,6 +213,9 @@ def index_build(
     batch_size: int = typer.Option(256, help="Items encoded per batch."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data actors; mmedge[ray])."),
+    workers: int = typer.Option(2, help="Ray: embedding actors (one CPU each)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray: cluster address (default: start a local Ray)."),
 ) -> None:
     """Embed a dataset's images (or captions) and write a new index."""
     from mmedge.runtime.bundle import Bundle
@@ -220,10 +223,23 @@ def index_build(
 
     if modality not in ("image", "text"):
         raise UsageError(f"--modality must be image or text, got {modality!r}")
+    if engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, got {engine!r}")
     b = Bundle.load(bundle)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists (use --overwrite to replace it)")
     pairs = _pairs_or_images(data, skip_bad)
+    if engine == "ray":
+        from mmedge.distributed.ray_index import build_index_ray
+
+        with _Bar(progress) as bar:
+            st = build_index_ray(bundle, pairs, out, modality=modality, workers=workers, batch_size=batch_size,
+                                 address=ray_address, overwrite=overwrite, skip_bad=skip_bad,
+                                 on_progress=lambda d, n: bar.update(f"embedding {modality}s (ray)", d, n))
+        _out(f"indexed {st['embedded']} {modality}s into {out} with {workers} Ray workers "
+             f"({st['per_second']:.0f}/s embedding)" + (f"; skipped {st['skipped_count']} unreadable"
+                                                         if st["skipped_count"] else ""))
+        return
     idx = Index.create(out, dim=b.dim, fingerprint=b.fingerprint, overwrite=overwrite)
     added, skipped = _add_pairs(idx, b, pairs, modality, batch_size, threads, skip_bad, progress)
     idx.save()
