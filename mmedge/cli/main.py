@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +44,30 @@ def _need_train() -> None:
         import onnx  # noqa: F401
     except ImportError:
         raise MissingDependencyError("this command needs the training extra: pip install 'mmedge[train]'") from None
+
+
+def _check_batch_size(batch_size: int, modality: str) -> None:
+    from mmedge.runtime.preprocess import MAX_IMAGE_BATCH
+    from mmedge.runtime.tokenizer import MAX_BATCH
+
+    limit = MAX_BATCH if modality == "text" else MAX_IMAGE_BATCH
+    if not 1 <= batch_size <= limit:
+        raise UsageError(f"--batch-size must be between 1 and {limit} for {modality}s, got {batch_size}")
+
+
+@contextmanager
+def _building(out: Path, overwrite: bool):
+    """A fresh sibling folder to build an index in; moved to ``out`` only when the body
+    succeeds, deleted otherwise, so a failed build leaves ``out`` as it was."""
+    from mmedge.runtime.index import install_index
+
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        install_index(tmp, out, overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Bar:
@@ -218,6 +244,7 @@ def index_build(
     ray_address: Optional[str] = typer.Option(None, help="Ray: cluster address (default: start a local Ray)."),
 ) -> None:
     """Embed a dataset's images (or captions) and write a new index."""
+    _check_batch_size(batch_size, modality)
     from mmedge.runtime.bundle import Bundle
     from mmedge.runtime.index import Index
 
@@ -240,9 +267,9 @@ def index_build(
              f"({st['per_second']:.0f}/s embedding)" + (f"; skipped {st['skipped_count']} unreadable"
                                                          if st["skipped_count"] else ""))
         return
-    idx = Index.create(out, dim=b.dim, fingerprint=b.fingerprint, overwrite=overwrite)
-    added, skipped = _add_pairs(idx, b, pairs, modality, batch_size, threads, skip_bad, progress)
-    idx.save()
+    with _building(out, overwrite) as tmp, Index.create(tmp, dim=b.dim, fingerprint=b.fingerprint) as idx:
+        added, skipped = _add_pairs(idx, b, pairs, modality, batch_size, threads, skip_bad, progress)
+        idx.save()
     _out(f"indexed {added} {modality}s into {out}" + (f"; skipped {skipped} unreadable" if skipped else ""))
 
 
@@ -259,17 +286,19 @@ def index_add(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Add items to an existing index (atomic: all or nothing on disk)."""
+    _check_batch_size(batch_size, modality)
     from mmedge.runtime.bundle import Bundle
     from mmedge.runtime.index import Index
 
     if modality not in ("image", "text"):
         raise UsageError(f"--modality must be image or text, got {modality!r}")
     b = Bundle.load(bundle)
-    idx = Index.open(index, fingerprint=b.fingerprint)
-    pairs = _pairs_or_images(data, skip_bad)
-    added, skipped = _add_pairs(idx, b, pairs, modality, batch_size, threads, skip_bad, progress, upsert)
-    idx.save()
-    _out(f"added {added} {modality}s to {index}; {len(idx)} items" + (f"; skipped {skipped}" if skipped else ""))
+    with Index.open(index, fingerprint=b.fingerprint) as idx:  # closed unsaved on error: nothing changes
+        pairs = _pairs_or_images(data, skip_bad)
+        added, skipped = _add_pairs(idx, b, pairs, modality, batch_size, threads, skip_bad, progress, upsert)
+        idx.save()
+        total = len(idx)
+    _out(f"added {added} {modality}s to {index}; {total} items" + (f"; skipped {skipped}" if skipped else ""))
 
 
 @index_app.command("remove")
@@ -281,10 +310,11 @@ def index_remove(
     """Remove items by key."""
     from mmedge.runtime.index import Index
 
-    idx = Index.open(index)
-    n = idx.remove(keys, missing_ok=missing_ok)
-    idx.save()
-    _out(f"removed {n} items from {index}; {len(idx)} left")
+    with Index.open(index) as idx:
+        n = idx.remove(keys, missing_ok=missing_ok)
+        idx.save()
+        left = len(idx)
+    _out(f"removed {n} items from {index}; {left} left")
 
 
 @index_app.command("info")
@@ -295,9 +325,9 @@ def index_info(
     """Show an index's parameters, size and consistency."""
     from mmedge.runtime.index import Index
 
-    idx = Index.open(index, readonly=True)
-    idx.check()
-    info = idx.info()
+    with Index.open(index, readonly=True) as idx:
+        idx.check()
+        info = idx.info()
     if as_json:
         _out(json.dumps(info, indent=2, default=str))
     else:
@@ -318,7 +348,7 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
 
     import numpy as np
 
-    from mmedge.errors import ImageError
+    from mmedge.errors import ImageError, TextError
     from mmedge.runtime.encoders import ImageEncoder, TextEncoder
     from mmedge.runtime.index import Item
     from mmedge.runtime.preprocess import preprocess
@@ -337,7 +367,20 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
             if modality == "text":
-                ok, vecs = chunk, enc.encode([p.caption for p in chunk])
+                try:
+                    ok, vecs = chunk, enc.encode([p.caption for p in chunk])
+                except TextError:
+                    if not skip_bad:
+                        raise
+                    ok = []
+                    for p in chunk:  # find the bad captions one by one
+                        try:
+                            enc.encode([p.caption])
+                            ok.append(p)
+                        except TextError as e:
+                            skipped += 1
+                            _err(f"skipped {p.key}: {e}")
+                    vecs = enc.encode([p.caption for p in ok]) if ok else None
             else:
                 ok, arrays = [], []
                 for p in chunk:
@@ -346,7 +389,7 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
                         ok.append(p)
                     except ImageError as e:
                         if not skip_bad:
-                            raise
+                            raise ImageError(f"{e} (--skip-bad skips unreadable images)") from e
                         skipped += 1
                         _err(f"skipped {p.image}: {e}")
                 vecs = enc.encode_pixels(np.concatenate(arrays)) if arrays else None
@@ -452,8 +495,12 @@ def main(argv: list[str] | None = None) -> None:
         if type(e).__name__ == "Abort":
             _err("aborted")
             sys.exit(1)
-        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
-            e.show()  # click's own one-line usage message
+        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+            # click's usage errors (unknown flag, bad value, missing argument): one line
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            if e.format_message():  # empty when click has printed the help instead
+                _err(f"error: {e.format_message()}{hint}")
             sys.exit(e.exit_code)
         if debug:
             raise

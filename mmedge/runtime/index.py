@@ -67,6 +67,7 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -89,6 +90,8 @@ MODALITIES: tuple[str, ...] = ("image", "text")
 INITIAL_CAPACITY: int = 1024
 #: Seconds a SQLite statement waits for another connection's lock before failing.
 BUSY_TIMEOUT_S: float = 10.0
+#: Largest ``k`` :meth:`Index.search` accepts; a larger one raises :class:`UsageError`.
+MAX_K: int = 10_000
 
 INDEX_JSON = "index.json"
 ITEMS_DB = "items.sqlite"
@@ -359,6 +362,81 @@ def _row_to_item(row: _Row) -> Item:
 
 
 # ---------------------------------------------------------------------------------------
+# readers-writer lock
+
+
+class _RWLock:
+    """Many readers or one writer, inside one process.
+
+    Writer-preferring: once a writer waits, new readers wait behind it, so a stream of
+    queries cannot starve an add. The writing thread may take the write lock again and may
+    read (both nest). A thread that holds a read lock may take it again even while a writer
+    waits (it is counted once), but may not upgrade to the write lock (``RuntimeError``,
+    a programming error inside this module).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0  # threads holding the read lock
+        self._writer: int | None = None  # ident of the thread holding the write lock
+        self._write_depth = 0
+        self._writers_waiting = 0
+        self._local = threading.local()  # per-thread read depth
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:  # the writer reads its own state
+            yield
+            return
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                while self._writer is not None or self._writers_waiting:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:
+            self._write_depth += 1
+            try:
+                yield
+            finally:
+                self._write_depth -= 1
+            return
+        if getattr(self._local, "depth", 0):
+            raise RuntimeError("a thread holding the index read lock cannot take the write lock")
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = me
+            self._write_depth = 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._write_depth = 0
+                self._writer = None
+                self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------------------------
 
 
 class Index:
@@ -394,7 +472,11 @@ class Index:
         self._notes = notes
         self._in_tx = False
         self._pending = 0
-        self._lock = threading.RLock()
+        # Many readers (search, get, keys, vectors, check, info) or one writer (add, remove,
+        # save, close). Readers share one SQLite connection, so their statements are
+        # serialised by _db_lock (microseconds); hnswlib's knn_query runs in parallel.
+        self._lock = _RWLock()
+        self._db_lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------------
 
@@ -669,9 +751,8 @@ class Index:
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False
-        with self._lock:
-            conn = self._need_conn()
-            return conn.execute("SELECT 1 FROM items WHERE key = ?", (key,)).fetchone() is not None
+        with self._lock.read():
+            return bool(self._query("SELECT 1 FROM items WHERE key = ?", (key,)))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._count} items, generation {self._generation}"
@@ -732,23 +813,27 @@ class Index:
             )
         self._in_tx = True
 
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one SELECT and fetch all rows; safe from concurrent readers."""
+        conn = self._need_conn()
+        with self._db_lock:
+            return conn.execute(sql, params).fetchall()
+
     def _set_meta(self, key: str, value: object) -> None:
         self._need_conn().execute("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", (key, str(value)))
 
     def _labels_for_keys(self, keys: Sequence[str]) -> dict[str, int]:
-        conn = self._need_conn()
         out: dict[str, int] = {}
         for part in _chunks(keys, _SQL_CHUNK):
             q = f"SELECT key, label FROM items WHERE key IN ({','.join('?' * len(part))})"
-            out.update((k, int(label)) for k, label in conn.execute(q, list(part)))
+            out.update((k, int(label)) for k, label in self._query(q, list(part)))
         return out
 
     def _rows_for_labels(self, labels: Sequence[int]) -> dict[int, _Row]:
-        conn = self._need_conn()
         out: dict[int, _Row] = {}
         for part in _chunks(labels, _SQL_CHUNK):
             q = f"SELECT {_ITEM_COLS} FROM items WHERE label IN ({','.join('?' * len(part))})"
-            out.update((int(r[0]), r) for r in conn.execute(q, list(part)))
+            out.update((int(r[0]), r) for r in self._query(q, list(part)))
         return out
 
     def _prepare_vectors(self, vectors: Any, rows: int | None, what: str) -> np.ndarray:
@@ -821,7 +906,7 @@ class Index:
         vector are replaced (the item gets a new label) and, within the batch, the last
         occurrence of a key wins. Nothing changes when an error is raised.
         """
-        with self._lock:
+        with self._lock.write():
             conn = self._need_writable("add items")
             if isinstance(items, (str, bytes, Item)):
                 raise UsageError("items must be a sequence of Item")
@@ -904,7 +989,7 @@ class Index:
         """Remove the items with these keys; pending until :meth:`save`. Returns how many were
         removed. A key not in the index raises :class:`SearchIndexError` (and nothing is
         removed) unless ``missing_ok=True``."""
-        with self._lock:
+        with self._lock.write():
             conn = self._need_writable("remove items")
             if isinstance(keys, (str, bytes)):
                 raise UsageError("keys must be a sequence of str, not a single string")
@@ -947,21 +1032,19 @@ class Index:
 
     def get(self, key: str) -> Item | None:
         """The item stored under ``key`` (pending changes included), or None."""
-        with self._lock:
-            conn = self._need_conn()
-            row = conn.execute(f"SELECT {_ITEM_COLS} FROM items WHERE key = ?", (key,)).fetchone()
-            return None if row is None else _row_to_item(row)
+        with self._lock.read():
+            rows = self._query(f"SELECT {_ITEM_COLS} FROM items WHERE key = ?", (key,))
+            return _row_to_item(rows[0]) if rows else None
 
     def keys(self) -> list[str]:
         """All keys, in insertion (label) order."""
-        with self._lock:
-            conn = self._need_conn()
-            return [r[0] for r in conn.execute("SELECT key FROM items ORDER BY label")]
+        with self._lock.read():
+            return [r[0] for r in self._query("SELECT key FROM items ORDER BY label")]
 
     def vectors(self, keys: Sequence[str]) -> np.ndarray:
         """The stored (normalised) vectors of ``keys`` as float32 (len(keys), dim); an unknown
         key raises :class:`SearchIndexError`."""
-        with self._lock:
+        with self._lock.read():
             if isinstance(keys, (str, bytes)):
                 raise UsageError("keys must be a sequence of str, not a single string")
             keys = list(keys)
@@ -983,42 +1066,66 @@ class Index:
 
         ``vectors`` is (Q, dim) or (dim,); queries are L2-normalised. Returns one list per query,
         best first, of at most ``min(k, len(self))`` hits. ``ef`` (default ``params.ef``) is
-        raised to at least ``k``. ``k <= 0`` raises :class:`UsageError`. Pending (unsaved)
-        changes are searched too.
+        raised to at least ``k``. ``k <= 0`` or ``k > MAX_K`` raises :class:`UsageError`.
+        Pending (unsaved) changes are searched too.
+
+        Thread-safe: searches run in parallel under the read lock and see the state left by
+        the last :meth:`add` / :meth:`remove` call that completed before they started. A
+        search whose beam differs from ``params.ef`` (``ef`` given, or ``k`` above it) has to
+        set hnswlib's shared ``ef`` and therefore runs alone, under the write lock.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise UsageError(f"k must be a positive integer, got {k!r}")
+        if k > MAX_K:
+            raise UsageError(f"k = {k} is over the limit of {MAX_K} (MAX_K)")
         if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef <= 0):
             raise UsageError(f"ef must be a positive integer, got {ef!r}")
-        with self._lock:
-            self._need_conn()
+        if ef is not None and ef > MAX_K:
+            raise UsageError(f"ef = {ef} is over the limit of {MAX_K} (MAX_K)")
+        with self._lock.read():
             q = self._prepare_vectors(vectors, None, "query vectors")
             if q.shape[0] == 0:
                 return []
-            if self._count == 0:
-                return [[] for _ in range(q.shape[0])]
-            kk = min(int(k), self._count)
-            labels, scores = self._knn(q, kk, max(int(ef or self._params.ef), kk))
-            rows = self._rows_for_labels(sorted(set(int(x) for x in labels.ravel())))
-            out: list[list[Hit]] = []
-            dropped = 0
-            for qi in range(q.shape[0]):
-                hits: list[Hit] = []
-                for label, score in zip(labels[qi], scores[qi]):
-                    row = rows.get(int(label))
-                    if row is None:
-                        dropped += 1
-                        continue
-                    hits.append(Hit(key=row[1], score=float(score), modality=row[2], path=row[3],
-                                    caption=row[4], metadata=json.loads(row[5]) if row[5] else {}))
-                out.append(hits)
-            if dropped:
-                logger.debug("index %s: dropped %d hits whose items were removed", self._folder, dropped)
-            return out
+            beam = self._beam(k, ef)
+            if beam is None or beam == self._params.ef:
+                return self._search_locked(q, k, beam)
+        with self._lock.write():  # another beam: hnswlib's ef is shared state
+            return self._search_locked(q, k, self._beam(k, ef))
+
+    def _beam(self, k: int, ef: int | None) -> int | None:
+        """The ``ef`` a search of ``k`` needs now; None for an empty index."""
+        if self._count == 0:
+            return None
+        return max(int(ef or self._params.ef), min(int(k), self._count))
+
+    def _search_locked(self, q: np.ndarray, k: int, beam: int | None) -> list[list[Hit]]:
+        self._need_conn()
+        if beam is None or self._count == 0:
+            return [[] for _ in range(q.shape[0])]
+        kk = min(int(k), self._count)
+        labels, scores = self._knn(q, kk, beam)
+        rows = self._rows_for_labels(sorted(set(int(x) for x in labels.ravel())))
+        out: list[list[Hit]] = []
+        dropped = 0
+        for qi in range(q.shape[0]):
+            hits: list[Hit] = []
+            for label, score in zip(labels[qi], scores[qi]):
+                row = rows.get(int(label))
+                if row is None:
+                    dropped += 1
+                    continue
+                hits.append(Hit(key=row[1], score=float(score), modality=row[2], path=row[3],
+                                caption=row[4], metadata=json.loads(row[5]) if row[5] else {}))
+            out.append(hits)
+        if dropped:
+            logger.debug("index %s: dropped %d hits whose items were removed", self._folder, dropped)
+        return out
 
     def _knn(self, q: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
         hnsw = self._need_hnsw()
-        hnsw.set_ef(ef)
+        own_beam = ef != self._params.ef  # only under the write lock (see search)
+        if own_beam:
+            hnsw.set_ef(ef)
         try:
             labels, dist = hnsw.knn_query(q, k=k)
             return labels, 1.0 - dist
@@ -1026,14 +1133,14 @@ class Index:
             # hnswlib could not find k live neighbours (tiny or heavily deleted graph).
             logger.debug("index %s: hnswlib search failed (%s); exact search", self._folder, exc)
         finally:
-            hnsw.set_ef(self._params.ef)
+            if own_beam:
+                hnsw.set_ef(self._params.ef)
         return self._exact_search(q, k)
 
     def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         hnsw = self._need_hnsw()
-        conn = self._need_conn()
         in_graph = set(int(x) for x in hnsw.get_ids_list())
-        live = [r[0] for r in conn.execute("SELECT label FROM items ORDER BY label") if r[0] in in_graph]
+        live = [r[0] for r in self._query("SELECT label FROM items ORDER BY label") if r[0] in in_graph]
         nq = q.shape[0]
         best_l = np.zeros((nq, 0), dtype=np.uint64)
         best_s = np.zeros((nq, 0), dtype=np.float32)
@@ -1063,7 +1170,7 @@ class Index:
         in (3) and (4) only log a warning, as the save is already durable. Without pending
         changes this does nothing.
         """
-        with self._lock:
+        with self._lock.write():
             conn = self._need_writable("save")
             hnsw = self._need_hnsw()
             if not self._in_tx:
@@ -1135,7 +1242,7 @@ class Index:
     def close(self) -> None:
         """Release the index. Pending changes not saved are discarded (logged as a warning).
         Closing twice is allowed."""
-        with self._lock:
+        with self._lock.write():
             conn = self._conn
             if conn is None:
                 return
@@ -1160,11 +1267,10 @@ class Index:
         """Verify that every live HNSW label has its SQLite row and the reverse, that stored
         vectors are unit length and that ``next_label`` is above every label. Raises
         :class:`SearchIndexError` describing the first mismatch."""
-        with self._lock:
-            conn = self._need_conn()
+        with self._lock.read():
             hnsw = self._need_hnsw()
             db = self._folder / ITEMS_DB
-            rows = conn.execute("SELECT label, key FROM items ORDER BY label").fetchall()
+            rows = self._query("SELECT label, key FROM items ORDER BY label")
             in_graph = set(int(x) for x in hnsw.get_ids_list())
             row_labels = set()
             for label, key in rows:
@@ -1208,7 +1314,7 @@ class Index:
     def info(self) -> dict[str, Any]:
         """A summary: dim, count, fingerprint, params, generation, capacity, pending changes,
         bytes on disk per file and notes (e.g. a stale ``index.json`` that was overridden)."""
-        with self._lock:
+        with self._lock.read():
             hnsw = self._need_hnsw()
             files: dict[str, int] = {}
             for name in (INDEX_JSON, ITEMS_DB, _hnsw_name(self._generation)):
@@ -1282,3 +1388,45 @@ def _read_index_json(path: Path) -> dict[str, Any]:
         raise SearchIndexError(f"{path}: 'fingerprint' is missing or not a string")
     return doc
 
+
+
+# ---------------------------------------------------------------------------------------
+# moving a finished index into place
+
+
+def install_index(src: PathLike, dst: PathLike, overwrite: bool = False) -> None:
+    """Move the (closed, saved) index in folder ``src`` to folder ``dst``.
+
+    Used to build an index out of sight and publish it only when it is complete. If ``dst``
+    does not exist, ``src`` is renamed to it (atomic). If ``dst`` exists it must be a folder
+    and, when it holds index files, ``overwrite=True`` is needed (else
+    :class:`SearchIndexError`, nothing moved); its index files are then replaced, its other
+    files left alone, and ``src`` is removed. ``src`` and ``dst`` should be on the same file
+    system (siblings).
+    """
+    src_dir, dst_dir = Path(src), Path(dst)
+    if not (src_dir / ITEMS_DB).is_file():
+        raise SearchIndexError(f"{src_dir} holds no index to install")
+    try:
+        if not dst_dir.exists():
+            os.rename(src_dir, dst_dir)
+            _fsync_dir(dst_dir.parent)
+            return
+        if not dst_dir.is_dir():
+            raise SearchIndexError(f"index path {dst_dir} exists and is not a folder")
+        old = [p.name for p in dst_dir.iterdir() if _OWN_RE.match(p.name) or _STRAY_RE.match(p.name)]
+        if old and not overwrite:
+            raise SearchIndexError(
+                f"{dst_dir} already holds index files ({', '.join(sorted(old))}); "
+                "pass overwrite=True to replace them"
+            )
+        # items.sqlite goes first and comes back last: in between the folder does not open.
+        for name in sorted(old, key=lambda n: not n.startswith(ITEMS_DB)):
+            _unlink_quietly(dst_dir / name)
+        new = [p.name for p in src_dir.iterdir()]
+        for name in sorted(new, key=lambda n: n == ITEMS_DB):
+            os.replace(src_dir / name, dst_dir / name)
+        _fsync_dir(dst_dir)
+        src_dir.rmdir()
+    except OSError as exc:
+        raise SearchIndexError(f"cannot move the index from {src_dir} to {dst_dir}: {exc}") from exc

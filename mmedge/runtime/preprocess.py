@@ -48,6 +48,11 @@ logger = logging.getLogger(__name__)
 #: :class:`~mmedge.errors.ImageError` before any pixel is decoded.
 MAX_IMAGE_PIXELS: int = 64 * 1024 * 1024
 
+#: Most images in one :func:`preprocess` call, hence in one :class:`ImageEncoder` batch
+#: (``batch_size``): a larger batch raises :class:`~mmedge.errors.UsageError` before any image
+#: is opened. (1024 images at 224x224 are 600 MB of float32 pixels.)
+MAX_IMAGE_BATCH: int = 1024
+
 #: Pillow resampling filters by the names the manifest uses.
 RESIZE_FILTERS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -191,7 +196,7 @@ def _open_and_convert(fp: IO[bytes], name: str, cfg: PreprocessConfig) -> Image.
         # exception it is caught below.
         with Image.open(fp) as im:
             _check_pixels(im, name)
-            if getattr(im, "n_frames", 1) > 1:
+            if getattr(im, "is_animated", False):  # GIF, APNG, WebP...: the first frame
                 im.seek(0)
             im.load()
             return _to_rgb(im, cfg, name)
@@ -222,7 +227,7 @@ def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
     if isinstance(src, Image.Image):
         _check_pixels(src, name)
         try:
-            if getattr(src, "n_frames", 1) > 1 and src.tell() != 0:
+            if getattr(src, "is_animated", False) and src.tell() != 0:
                 src.seek(0)
             src.load()
             return _to_rgb(src, cfg, name)
@@ -347,10 +352,15 @@ def preprocess(images: Sequence[ImageSource] | ImageSource, cfg: PreprocessConfi
     """Load, resize and normalise images: ``B`` sources -> ``(B, 3, H, W) float32``.
 
     A single source (path, bytes, file object or PIL image) is treated as a batch of one.
-    An empty sequence gives ``(0, 3, H, W)``. Errors: :class:`~mmedge.errors.ImageError`.
+    An empty sequence gives ``(0, 3, H, W)``. Errors: :class:`~mmedge.errors.ImageError`; more
+    than :data:`MAX_IMAGE_BATCH` images: :class:`~mmedge.errors.UsageError`.
     """
     if is_single_source(images):
         images = [images]  # type: ignore[list-item]
+    if len(images) > MAX_IMAGE_BATCH:  # type: ignore[arg-type]
+        raise UsageError(
+            f"{len(images)} images in one batch, over the limit of {MAX_IMAGE_BATCH} (MAX_IMAGE_BATCH)"  # type: ignore[arg-type]
+        )
     h, w = cfg.size
     if len(images) == 0:  # type: ignore[arg-type]
         return np.zeros((0, 3, h, w), dtype=np.float32)

@@ -3,23 +3,32 @@
 Every direction (text->image, image->text, image->image, text->text) goes through the same
 path: encode the query with the matching tower, then :meth:`Index.search`; what comes back
 depends on what the index holds.
+
+Threads: one :class:`Retriever` may be shared by many threads. Queries run in parallel
+(ONNX Runtime sessions and the tokenizer are thread-safe; the index takes a read lock);
+:meth:`Retriever.add_images`, :meth:`Retriever.add_texts`, :meth:`Retriever.remove` and
+:meth:`Retriever.save` take the index's write lock only for the index change itself (the
+embedding runs before, outside the lock). A query sees the index as left by the last
+add/remove call that completed before it started, saved or not; never part of a call.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmedge.errors import SearchIndexError, UsageError
+from mmedge.errors import SearchIndexError, TextError, UsageError
 from mmedge.runtime.bundle import Bundle
 from mmedge.runtime.encoders import ImageEncoder, TextEncoder
 from mmedge.runtime.index import Hit, Index, Item
 from mmedge.runtime.preprocess import ImageSource, is_single_source
+from mmedge.runtime.tokenizer import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +36,12 @@ logger = logging.getLogger(__name__)
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UsageError(f"k must be a positive integer, got {k!r}")
+
+
+def _check_not_blank(text: object, what: str) -> None:
+    """An empty or whitespace-only text (after NUL removal) carries no query: TextError."""
+    if isinstance(text, str) and not clean_text(text).strip():
+        raise TextError(f"{what} is empty or only whitespace")
 
 
 class Retriever:
@@ -57,6 +72,7 @@ class Retriever:
         self.threads = threads
         self._image_encoder: ImageEncoder | None = None
         self._text_encoder: TextEncoder | None = None
+        self._init_lock = threading.Lock()  # encoders are created once, on first use
         self._index: Index | None = None
         if index is not None:
             if isinstance(index, (str, os.PathLike)):
@@ -84,13 +100,17 @@ class Retriever:
     @property
     def image_encoder(self) -> ImageEncoder:
         if self._image_encoder is None:
-            self._image_encoder = ImageEncoder(self.bundle, providers=self.providers, threads=self.threads)
+            with self._init_lock:
+                if self._image_encoder is None:
+                    self._image_encoder = ImageEncoder(self.bundle, providers=self.providers, threads=self.threads)
         return self._image_encoder
 
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text_encoder is None:
-            self._text_encoder = TextEncoder(self.bundle, providers=self.providers, threads=self.threads)
+            with self._init_lock:
+                if self._text_encoder is None:
+                    self._text_encoder = TextEncoder(self.bundle, providers=self.providers, threads=self.threads)
         return self._text_encoder
 
     # -- encoding --------------------------------------------------------------------
@@ -115,7 +135,8 @@ class Retriever:
         Exactly one of ``text`` / ``image`` must be given (else UsageError). A single query (a
         ``str`` text; a path, bytes, file object or PIL image) returns ``list[Hit]`` of at most
         ``k`` hits; a sequence of ``Q`` queries returns ``Q`` such lists (encoded as a batch and
-        searched with one index call).
+        searched with one index call). An empty or whitespace-only query text raises
+        :class:`~mmedge.errors.TextError`.
         """
         if (text is None) == (image is None):
             raise UsageError("give exactly one of text= or image= to search")
@@ -125,6 +146,8 @@ class Retriever:
             queries: list[Any] = [text] if single else list(text)
             if not queries:
                 return []
+            for i, t in enumerate(queries):
+                _check_not_blank(t, "the query text" if single else f"query text #{i}")
             vectors = self.encode_text(queries)
         else:
             single = is_single_source(image)
@@ -207,11 +230,16 @@ class Retriever:
                 items.append(Item(key=key, modality="text", caption=entry))
             else:
                 raise UsageError(f"add_texts takes Items or strings, got {type(entry).__name__}")
+            _check_not_blank(items[-1].caption, f"the text of item {items[-1].key!r}")
         if not items:
             return 0
         vectors = self.encode_text([str(it.caption) for it in items], batch_size=batch_size)
         self.index.add(items, vectors, upsert=upsert)
         return len(items)
+
+    def remove(self, keys: Sequence[str], missing_ok: bool = False) -> int:
+        """Remove items by key (``index.remove``); returns how many. Not saved."""
+        return self.index.remove(keys, missing_ok=missing_ok)
 
     def save(self) -> None:
         """Save the index (``index.save()``)."""
