@@ -105,7 +105,8 @@ def embed_with_ray(
         t0 = time.perf_counter()
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size + 1, 64 * workers)))
         out = ds.map_batches(_Embedder, fn_constructor_args=(str(bundle_path), modality, 1),
-                             batch_size=batch_size, concurrency=workers, num_cpus=1, batch_format="numpy")
+                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
+                             num_cpus=1, batch_format="numpy")
         shard_dir.mkdir(parents=True, exist_ok=True)
         done = 0
         skipped: list[tuple[int, str]] = []
