@@ -17,6 +17,12 @@ class ImageTowerConfig:
     image_size: int = 64  # input side in pixels (images are resized to this)
     width: int = 16  # channels of the first conv; doubled at the 2nd and 3rd stride-2 conv
     feature_dim: int = 256  # tower output (and autoencoder bottleneck) size
+    # "conv4": four stride-2 3x3 convs, flattened; "patchres": 4x4 patch stem and residual
+    # stages (see models.py), with `blocks` residual blocks per stage and `pool`
+    # ("flatten", "mean" or "both") over the final S/16 grid
+    arch: str = "conv4"
+    blocks: int = 1
+    pool: str = "flatten"
 
 
 @dataclass
@@ -47,6 +53,11 @@ class Stage1Config:
 class Stage2Config:
     """Cross-modal alignment with a symmetric InfoNCE loss."""
 
+    # "contrastive": train both towers and projections with InfoNCE; "cca": keep the
+    # stage-1 towers frozen and set the projections by CCA of their features (no training)
+    method: str = "contrastive"
+    cca_reg: float = 1e-3  # CCA covariance ridge, relative to the mean eigenvalue
+    cca_power: float = 1.0  # canonical directions weighted by correlation ** cca_power
     epochs: int = 8
     batch_size: int = 256
     lr: float = 2e-3
@@ -57,6 +68,26 @@ class Stage2Config:
     adversarial: bool = False  # add a modality discriminator behind gradient reversal
     adv_weight: float = 0.1  # weight of the discriminator loss
     adv_hidden: int = 128  # discriminator hidden size
+    adv_unpaired: bool = True  # the discriminator also sees unpaired images/texts when given
+    # Positives: with multi_positive, pairs whose captions are equal are one concept, so two
+    # images of one caption in a batch are both positives (otherwise the other is a negative).
+    multi_positive: bool = False
+    # Alternative texts: a data column (e.g. "alt_captions") of "|"-separated texts that also
+    # describe the pair's image; each step a caption is replaced by one of them with
+    # probability alt_prob. They also train the tokenizer and the stage-1 text model.
+    alt_column: str = "alt_captions"
+    alt_prob: float = 0.0
+    text_drop: float = 0.0  # probability of dropping each word-piece token (not [CLS]) per step
+    # Image augmentation that keeps colours (skin tones are colour): random zoom in
+    # [1 - aug_scale, 1 + aug_scale], shift up to aug_translate of the side, rotation up to
+    # aug_rotate degrees, all on a white background; a 3x3 blur with probability aug_blur.
+    aug_scale: float = 0.0
+    aug_translate: float = 0.0
+    aug_rotate: float = 0.0
+    aug_blur: float = 0.0
+    # Hard negatives: beta > 0 re-weights in-batch negatives by exp(beta * similarity)
+    # (Robinson et al., 2021), so near misses weigh more in the loss.
+    hard_negative_beta: float = 0.0
 
 
 @dataclass

@@ -284,9 +284,90 @@ def quick_recall(img: np.ndarray, txt: np.ndarray, k: int = 10) -> dict[str, flo
     return {f"val_t2i_R@{k}": t2i, f"val_i2t_R@{k}": i2t}
 
 
+@dataclass
+class AltTexts:
+    """Alternative texts of the training pairs, tokenised: pair i's texts are rows
+    ``start[i]:start[i + 1]`` of ``ids``/``mask``."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    start: np.ndarray
+
+
+@dataclass
+class Unpaired:
+    """Unpaired images (uint8, as in :class:`Tensors`) and tokenised unpaired texts."""
+
+    pixels: np.ndarray
+    ids: np.ndarray
+    mask: np.ndarray
+
+
+def _white(pcfg: PreprocessConfig) -> torch.Tensor:
+    bg = torch.tensor([v / 255.0 for v in pcfg.alpha_background], dtype=torch.float32)
+    mean = torch.tensor(pcfg.mean, dtype=torch.float32)
+    std = torch.tensor(pcfg.std, dtype=torch.float32)
+    return ((bg - mean) / std)[None, :, None, None]  # (1, 3, 1, 1)
+
+
+def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Colour-keeping augmentation of normalised pixels (B, 3, S, S): random zoom, shift and
+    rotation on the background colour, and an occasional 3x3 blur. Colours are never
+    changed (no hue, saturation or brightness jitter), so skin tones keep their meaning."""
+    b = x.shape[0]
+    if s2.aug_scale or s2.aug_translate or s2.aug_rotate:
+        u = torch.rand(b, 4, generator=g) * 2.0 - 1.0
+        zoom = 1.0 + s2.aug_scale * u[:, 0]  # > 1 enlarges the content
+        ang = u[:, 1] * (s2.aug_rotate * math.pi / 180.0)
+        cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
+        shift = 2.0 * s2.aug_translate * u[:, 2:]  # grid coordinates span 2 per side
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                             torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False) + background
+    if s2.aug_blur:
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :] / 16.0).expand(3, 1, 3, 3).contiguous()
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+        pick = (torch.rand(b, generator=g) < s2.aug_blur)[:, None, None, None]
+        x = torch.where(pick, blurred, x)
+    return x
+
+
+def contrastive_loss(ie: torch.Tensor, te: torch.Tensor, scale: torch.Tensor, concept: torch.Tensor | None,
+                     beta: float) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch. ``concept`` (B,) marks pairs of one concept as
+    positives of each other (multi-positive); ``beta`` > 0 up-weights hard negatives."""
+    logits = scale * ie @ te.T  # (B, B)
+    if concept is None and not beta:
+        tgt = torch.arange(len(ie))
+        return 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+    pos = (concept[:, None] == concept[None, :]) if concept is not None else torch.eye(len(ie), dtype=torch.bool)
+    total = logits.new_zeros(())
+    for lg in (logits, logits.T):
+        adj = lg
+        if beta:
+            neg = ~pos
+            w = (beta * lg.detach() / scale.detach()).masked_fill(pos, float("-inf"))
+            n_neg = neg.sum(1, keepdim=True).clamp(min=1)
+            logw = w - torch.logsumexp(w, 1, keepdim=True) + torch.log(n_neg.to(lg.dtype))
+            adj = lg + torch.where(neg, logw, torch.zeros_like(lg))
+        num = torch.logsumexp(lg.masked_fill(~pos, float("-inf")), 1)
+        total = total + (torch.logsumexp(adj, 1) - num).mean()
+    return 0.5 * total
+
+
+def _concepts(captions: Sequence[str]) -> np.ndarray:
+    ids: dict[str, int] = {}
+    return np.asarray([ids.setdefault(c, len(ids)) for c in captions], dtype=np.int64)
+
+
 def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: PreprocessConfig,
             image_init: dict[str, torch.Tensor] | None, text_init: dict[str, torch.Tensor] | None,
-            init_key: str, run: Path, on_progress: ProgressFn | None) -> DualEncoder:
+            init_key: str, run: Path, on_progress: ProgressFn | None, *,
+            concept: np.ndarray | None = None, alts: AltTexts | None = None,
+            unpaired: Unpaired | None = None) -> DualEncoder:
     s2 = cfg.stage2
     torch.manual_seed(cfg.seed + 2)
     model = DualEncoder(cfg.image, cfg.text, s2.embed_dim, s2.init_temperature, pca_dim=None)
@@ -309,27 +390,71 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
         raise TrainError(f"stage 2 needs at least 2 training pairs, got {n}")
     bs = min(s2.batch_size, n)
     spe = n // bs
-    key = _digest("stage2", s2, cfg.image, cfg.text, cfg.seed, init_key, train.ids, n)
+    use_alts = alts is not None and s2.alt_prob > 0 and len(alts.ids) > 0
+    adv_unpaired = disc is not None and s2.adv_unpaired and unpaired is not None
+    extra_key = [] if not (s2.multi_positive or use_alts or adv_unpaired) else [
+        concept if s2.multi_positive else None,
+        alts.ids if use_alts else None, alts.start if use_alts else None,
+        (unpaired.ids, unpaired.pixels[:: max(1, len(unpaired.pixels) // 256)], len(unpaired.pixels))
+        if adv_unpaired else None]
+    key = _digest("stage2", s2, cfg.image, cfg.text, cfg.seed, init_key, train.ids, n, *extra_key)
+    augment = bool(s2.aug_scale or s2.aug_translate or s2.aug_rotate or s2.aug_blur)
+    background = _white(pcfg)
+    n_alt = np.diff(alts.start) if use_alts else None
 
     def batches(epoch: int) -> Iterator[Any]:
+        g = torch.Generator().manual_seed(cfg.seed * 15485863 + epoch)
+        rng = np.random.default_rng([cfg.seed, 5, epoch])
         for idx in _batches(n, bs, cfg.seed, 3, epoch, drop_last=True):
-            tid, tmask = _trim(train.ids[idx], train.mask[idx])
-            yield _normalize(train.pixels[idx], pcfg), tid, tmask
-
-    labels_cache: dict[int, torch.Tensor] = {}
+            px = _normalize(train.pixels[idx], pcfg)
+            if augment:
+                px = augment_images(px, s2, background, g)
+            ids, mask = train.ids[idx], train.mask[idx]
+            if use_alts:
+                assert alts is not None and n_alt is not None
+                swap = (rng.random(len(idx)) < s2.alt_prob) & (n_alt[idx] > 0)
+                if swap.any():
+                    rows = alts.start[idx[swap]] + (rng.random(int(swap.sum())) * n_alt[idx[swap]]).astype(np.int64)
+                    ids, mask = ids.copy(), mask.copy()
+                    ids[swap], mask[swap] = alts.ids[rows], alts.mask[rows]
+            tid, tmask = _trim(ids, mask)
+            if s2.text_drop:
+                drop = (torch.rand(tid.shape, generator=g) < s2.text_drop) & tmask.bool()
+                drop[:, 0] = False
+                keep = (tmask.bool() & ~drop)
+                keep[:, 0] = True
+                tmask = tmask * keep.long()
+            cid = torch.from_numpy(concept[idx]) if (s2.multi_positive and concept is not None) else None
+            extra = None
+            if adv_unpaired:
+                assert unpaired is not None
+                ui = rng.integers(0, len(unpaired.pixels), bs) if len(unpaired.pixels) else None
+                ut = rng.integers(0, len(unpaired.ids), bs) if len(unpaired.ids) else None
+                upx = _normalize(unpaired.pixels[ui], pcfg) if ui is not None else None
+                if upx is not None and augment:
+                    upx = augment_images(upx, s2, background, g)
+                utx = _trim(unpaired.ids[ut], unpaired.mask[ut]) if ut is not None else None
+                extra = (upx, utx)
+            yield px, tid, tmask, cid, extra
 
     def step(b: Any) -> dict[str, torch.Tensor]:
-        px, tid, tmask = b
+        px, tid, tmask, cid, extra = b
         ie = model.encode_image(px, use_pca=False)  # (B, E)
         te = model.encode_text(tid, tmask, use_pca=False)  # (B, E)
         scale = model.logit_scale.clamp(max=math.log(100.0)).exp()
-        logits = scale * ie @ te.T  # (B, B)
-        tgt = labels_cache.setdefault(len(px), torch.arange(len(px)))
-        clip = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+        clip = contrastive_loss(ie, te, scale, cid, s2.hard_negative_beta)
         out = {"loss": clip, "clip": clip.detach(), "temp": (1.0 / scale).detach()}
         if disc is not None:
-            both = torch.cat([ie, te])
-            lab = torch.cat([torch.ones(len(ie)), torch.zeros(len(te))])
+            imgs, txts = [ie], [te]
+            if extra is not None:
+                upx, utx = extra
+                if upx is not None:
+                    imgs.append(model.encode_image(upx, use_pca=False))
+                if utx is not None:
+                    txts.append(model.encode_text(*utx, use_pca=False))
+            ia, ta = torch.cat(imgs), torch.cat(txts)
+            both = torch.cat([ia, ta])
+            lab = torch.cat([torch.ones(len(ia)), torch.zeros(len(ta))])
             adv = F.binary_cross_entropy_with_logits(disc(both, 1.0), lab)
             out["loss"] = clip + s2.adv_weight * adv
             out["adv"] = adv.detach()
@@ -345,6 +470,76 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
                 s2.warmup_frac, batches, step, on_progress, end_of_epoch)
     model.eval()
     return model
+
+
+@torch.no_grad()
+def tower_features(model_or_towers: Any, data: Tensors, pcfg: PreprocessConfig,
+                   batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(N, F) image-tower and (N, W) pooled text-tower features (before the projections)."""
+    it, tt = model_or_towers
+    it.eval()
+    tt.eval()
+    img, txt = [], []
+    for s in range(0, len(data.pixels), batch_size):
+        img.append(it(_normalize(data.pixels[s : s + batch_size], pcfg)))
+        txt.append(tt(*_trim(data.ids[s : s + batch_size], data.mask[s : s + batch_size])))
+    return torch.cat(img).double().numpy(), torch.cat(txt).double().numpy()
+
+
+def fit_cca(x: np.ndarray, y: np.ndarray, dim: int, reg: float = 1e-3, power: float = 1.0
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Regularised CCA of paired rows ``x`` (N, dx) and ``y`` (N, dy).
+
+    Returns ``(mean_x, A, mean_y, B, corr)``: ``(x - mean_x) @ A`` and ``(y - mean_y) @ B``
+    are the first ``dim`` canonical variates, each column scaled by its canonical
+    correlation to the power ``power`` (so better-correlated directions weigh more in a
+    cosine). ``reg`` is a ridge on each covariance, relative to its mean eigenvalue.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    n = len(x)
+
+    def inv_sqrt(c: np.ndarray) -> np.ndarray:
+        c = c + reg * (np.trace(c) / len(c)) * np.eye(len(c))
+        w, v = np.linalg.eigh(c)
+        return (v / np.sqrt(np.maximum(w, 1e-12))) @ v.T
+
+    wx = inv_sqrt(xc.T @ xc / n)
+    wy = inv_sqrt(yc.T @ yc / n)
+    u, corr, vt = np.linalg.svd(wx @ (xc.T @ yc / n) @ wy, full_matrices=False)
+    k = min(dim, len(corr))
+    if k < 1:
+        raise TrainError("CCA needs at least one dimension")
+    scale = np.clip(corr[:k], 1e-6, None) ** power
+    a = (wx @ u[:, :k]) * scale
+    b = (wy @ vt[:k].T) * scale
+    return mx, a, my, b, corr[:k]
+
+
+def _stage2_cca(cfg: TrainConfig, train: Tensors, pcfg: PreprocessConfig,
+                image_init: dict[str, torch.Tensor] | None, text_init: dict[str, torch.Tensor] | None,
+                ) -> DualEncoder:
+    """Stage 2 as CCA: keep the (stage-1) towers and set both projections to the canonical
+    directions of their features on the training pairs (``stage2.embed_dim`` of them)."""
+    s2 = cfg.stage2
+    torch.manual_seed(cfg.seed + 2)
+    model = DualEncoder(cfg.image, cfg.text, s2.embed_dim, s2.init_temperature, pca_dim=None)
+    if image_init is not None:
+        model.image_tower.load_state_dict(image_init)
+    if text_init is not None:
+        model.text_tower.load_state_dict(text_init)
+    fx, fy = tower_features((model.image_tower, model.text_tower), train, pcfg)
+    if s2.embed_dim > min(fx.shape[1], fy.shape[1]):
+        raise TrainError(f"CCA: embed_dim {s2.embed_dim} is above the tower feature sizes "
+                         f"({fx.shape[1]}, {fy.shape[1]})")
+    mx, a, my, b, _ = fit_cca(fx, fy, s2.embed_dim, reg=s2.cca_reg, power=s2.cca_power)
+    with torch.no_grad():
+        for proj, m, w in ((model.image_proj, mx, a), (model.text_proj, my, b)):
+            proj.weight.copy_(torch.from_numpy(w.T.copy()))
+            proj.bias.copy_(torch.from_numpy(-(m @ w)))
+    return model.eval()
 
 
 def fit_pca(img: np.ndarray, txt: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -381,6 +576,22 @@ def tokenize_all(tokenizer: TextTokenizer, texts: Sequence[str], chunk: int = 20
     return ids, mask
 
 
+def alt_texts_of(pairs: LoadResult, column: str) -> list[list[str]]:
+    """Per pair, its alternative texts: ``column``'s value split on ``|``, stripped, without
+    empties, duplicates or the caption itself (``[]`` where the column is absent)."""
+    out: list[list[str]] = []
+    for p in pairs.pairs:
+        seen = {p.caption}
+        alts: list[str] = []
+        for t in (p.extra.get(column) or "").split("|"):
+            t = t.strip()
+            if t and t not in seen:
+                seen.add(t)
+                alts.append(t)
+        out.append(alts)
+    return out
+
+
 def train(
     data: str | Path | LoadResult,
     run_dir: str | Path,
@@ -388,32 +599,51 @@ def train(
     *,
     val_data: str | Path | LoadResult | None = None,
     on_progress: ProgressFn | None = None,
+    unpaired_images: Sequence[str | Path] | None = None,
+    unpaired_texts: Sequence[str] | None = None,
 ) -> TrainResult:
     """Run stage 1, stage 2 and PCA on paired data; write the run folder.
 
     ``data``/``val_data``: a dataset path any :func:`mmedge.data.load_pairs` format
     reads, or an already loaded :class:`LoadResult`. Re-running with the same
     ``run_dir`` resumes or reuses finished stages.
+
+    ``unpaired_images`` (image files) and ``unpaired_texts`` are data without a partner:
+    they join the paired images and captions in the tokenizer, the normalisation
+    statistics and stage 1 (the autoencoders), and the inputs of the modality
+    discriminator when ``stage2.adversarial`` and ``stage2.adv_unpaired`` are set. Stage 2's
+    contrastive loss uses pairs only. Alternative texts (``stage2.alt_column``) are used
+    the same way, and as extra positives of their pair with ``stage2.alt_prob`` > 0.
     """
     cfg = config or TrainConfig()
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.stage2.method not in ("contrastive", "cca"):
+        raise TrainError(f"stage2.method must be 'contrastive' or 'cca', got {cfg.stage2.method!r}")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     pairs = _as_pairs(data)
     if len(pairs.pairs) < 2:
         raise TrainError(f"{pairs.source}: need at least 2 pairs to train, found {len(pairs.pairs)}")
     val_pairs = _as_pairs(val_data) if val_data is not None else None
+    u_images = [Path(p) for p in (unpaired_images or [])]
+    u_texts = [t for t in (unpaired_texts or []) if isinstance(t, str) and t.strip()]
+    if unpaired_texts is not None and any(not isinstance(t, str) for t in unpaired_texts):
+        raise TrainError("unpaired_texts must be strings")
 
-    # tokenizer: retrained only when the captions or its settings change
+    # tokenizer: retrained only when its texts or settings change
     captions = [p.caption for p in pairs.pairs]
-    tok_key = _digest("tok", captions, cfg.text.tokenizer_vocab, cfg.text.max_length)
+    alt_lists = alt_texts_of(pairs, cfg.stage2.alt_column)
+    alt_flat = [t for a in alt_lists for t in a]
+    tok_texts = captions + alt_flat + u_texts
+    tok_key = _digest("tok", tok_texts if (alt_flat or u_texts) else captions, cfg.text.tokenizer_vocab,
+                      cfg.text.max_length)
     tok_path = run / "tokenizer.json"
     tok_meta = run / "tokenizer.key"
     if not (tok_path.exists() and tok_meta.exists() and tok_meta.read_text() == tok_key):
-        train_tokenizer(captions, cfg.text.tokenizer_vocab, cfg.text.max_length, tok_path)
+        train_tokenizer(tok_texts, cfg.text.tokenizer_vocab, cfg.text.max_length, tok_path)
         _atomic_write_text(tok_meta, tok_key)
     tokenizer = TextTokenizer(tok_path, max_length=cfg.text.max_length, pad_id=PAD_ID)
     cfg.text.vocab_size = Tokenizer.from_file(str(tok_path)).get_vocab_size()
@@ -423,26 +653,41 @@ def train(
     raw_cfg = PreprocessConfig(size=(s, s), resize_filter=cfg.resize_filter, mean=(0.0, 0.0, 0.0),
                                std=(1.0, 1.0, 1.0), alpha_background=tuple(cfg.alpha_background))
     train_t = prepare(pairs, tokenizer, raw_cfg)
-    px = train_t.pixels.reshape(-1, 3).astype(np.float64) / 255.0
+    u_pixels = load_images_uint8(u_images, raw_cfg) if u_images else train_t.pixels[:0]
+    all_pixels = np.concatenate([train_t.pixels, u_pixels]) if len(u_pixels) else train_t.pixels
+    px = all_pixels.reshape(-1, 3).astype(np.float64) / 255.0
     mean = tuple(float(v) for v in px.mean(0))
     std = tuple(float(max(v, 1e-3)) for v in px.std(0))
+    del px
     pcfg = PreprocessConfig(size=(s, s), resize_filter=cfg.resize_filter, mean=mean, std=std,
                             alpha_background=tuple(cfg.alpha_background))
     _atomic_write_text(run / "preprocess.json", json.dumps(pcfg.to_manifest(), indent=2))
     val_t = prepare(val_pairs, tokenizer, pcfg) if val_pairs is not None else None
+    alt_ids, alt_mask = tokenize_all(tokenizer, alt_flat)
+    alts = AltTexts(alt_ids, alt_mask, np.concatenate([[0], np.cumsum([len(a) for a in alt_lists])]).astype(np.int64))
+    u_ids, u_mask = tokenize_all(tokenizer, u_texts)
+    unpaired = Unpaired(u_pixels, u_ids, u_mask) if (len(u_pixels) or len(u_ids)) else None
     timings["load_s"] = time.perf_counter() - t0
 
     image_init = text_init = None
     init_key = "scratch"
     if cfg.stage1.enabled:
         t = time.perf_counter()
-        image_init, ik = _stage1_image(cfg, train_t.pixels, pcfg, run, on_progress)
-        text_init, tk = _stage1_text(cfg, train_t.ids, train_t.mask, run, on_progress)
+        image_init, ik = _stage1_image(cfg, all_pixels, pcfg, run, on_progress)
+        if len(alt_ids) or len(u_ids):
+            s1_ids, s1_mask = np.concatenate([train_t.ids, alt_ids, u_ids]), np.concatenate([train_t.mask, alt_mask, u_mask])
+        else:
+            s1_ids, s1_mask = train_t.ids, train_t.mask
+        text_init, tk = _stage1_text(cfg, s1_ids, s1_mask, run, on_progress)
         init_key = ik + tk
         timings["stage1_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = _stage2(cfg, train_t, val_t, pcfg, image_init, text_init, init_key, run, on_progress)
+    if cfg.stage2.method == "cca":
+        model = _stage2_cca(cfg, train_t, pcfg, image_init, text_init)
+    else:
+        model = _stage2(cfg, train_t, val_t, pcfg, image_init, text_init, init_key, run, on_progress,
+                        concept=_concepts(captions), alts=alts, unpaired=unpaired)
     timings["stage2_s"] = time.perf_counter() - t
 
     metrics: dict[str, Any] = {}
@@ -460,6 +705,8 @@ def train(
     timings["total_s"] = time.perf_counter() - t0
     metrics["timings"] = timings
     metrics["n_train"] = len(pairs.pairs)
+    metrics["n_unpaired"] = {"images": len(u_pixels), "texts": len(u_texts)}
+    metrics["n_alt_texts"] = len(alt_flat)
     metrics["params"] = {
         "image": sum(p.numel() for p in model.image_tower.parameters()) + sum(p.numel() for p in model.image_proj.parameters()),
         "text": sum(p.numel() for p in model.text_tower.parameters()) + sum(p.numel() for p in model.text_proj.parameters()),
