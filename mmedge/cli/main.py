@@ -160,8 +160,11 @@ def train(
     if pairs.skipped:
         _err(f"skipped {len(pairs.skipped)} bad rows of {data} (first: {pairs.skipped[0][0]}: {pairs.skipped[0][1]})")
     val_pairs = load_pairs(val, skip_bad=skip_bad) if val is not None else None
-    with _Bar(progress) as bar:
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    with _Bar(progress and rank0) as bar:
         res = run_train(pairs, out, cfg, val_data=val_pairs, on_progress=bar.train_callback)
+    if not rank0:
+        return
     _out(f"trained {res.run_dir} in {res.metrics['timings']['total_s']:.0f} s: "
          + " ".join(f"{k}={v:.3f}" for k, v in res.metrics.items() if isinstance(v, float)))
 

@@ -40,6 +40,7 @@ from mmedge.errors import TrainError
 from mmedge.runtime.preprocess import PreprocessConfig, load_image, to_uint8
 from mmedge.runtime.tokenizer import TextTokenizer
 from mmedge.train.config import TrainConfig
+from mmedge.train.distributed import DistContext
 from mmedge.train.models import DualEncoder, ImageDecoder, ImageTower, ModalityDiscriminator, TextTower
 from mmedge.train.tokenizer import MASK_ID, PAD_ID, train_tokenizer
 
@@ -78,7 +79,14 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# The torch.distributed context of the running train() call (single process by default).
+# Only rank 0 writes files; every rank computes (see mmedge/train/distributed.py).
+_CTX = DistContext()
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    if not _CTX.is_main:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -86,6 +94,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    if not _CTX.is_main:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -163,6 +173,9 @@ def _run_epochs(
         log.info("%s: resuming after epoch %d", name, start)
     total = epochs * steps_per_epoch
     last: dict[str, float] = {}
+    # Under torchrun the step runs inside DistributedDataParallel (gradient averaging);
+    # each rank gets its slice of the global batch. Single process: a plain call.
+    runner = _CTX.wrap(_StepModule(modules, step))
     for epoch in range(start, epochs):
         for m in modules.values():
             m.train()
@@ -170,11 +183,13 @@ def _run_epochs(
             gstep = epoch * steps_per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = _lr_at(gstep, total, base_lr, warmup_frac)
-            losses = step(batch)
+            losses = runner(_shard(batch))
             opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            losses.get("loss_backward", losses["loss"]).backward()
             opt.step()
-            last = {k: float(v.detach()) for k, v in losses.items()}
+            # logged values: each rank's share is defined so that the mean over ranks is
+            # the global figure (see the stage steps)
+            last = {k: _CTX.mean(float(v.detach())) for k, v in losses.items() if k != "loss_backward"}
             if on_progress:
                 on_progress(name, gstep + 1, total, last)
         if end_of_epoch is not None:
@@ -187,6 +202,32 @@ def _run_epochs(
             ckpt_path,
         )
     return last
+
+
+class _StepModule(nn.Module):
+    """One training step as a module, so DistributedDataParallel can wrap it: its
+    parameters are the stage's modules, its forward the step function."""
+
+    def __init__(self, modules: dict[str, nn.Module], step: Callable[[Any], dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+        self._step = step
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self._step(batch)
+
+
+def _shard(batch: Any) -> Any:
+    """This rank's rows of every tensor in a (nested) global batch; identity in one process."""
+    if not _CTX.enabled:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        if batch.ndim == 0:
+            return batch
+        return torch.tensor_split(batch, _CTX.world)[_CTX.rank]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_shard(b) for b in batch)
+    return batch
 
 
 # ---------------------------------------------------------------------------- stages
@@ -248,12 +289,16 @@ def _stage1_text(cfg: TrainConfig, ids: np.ndarray, mask: np.ndarray, run: Path,
             pick = (torch.rand(tid.shape, generator=g) < s1.mask_prob) & cand
             first = cand.float().argmax(1)
             pick[torch.arange(len(pick)), first] |= cand[torch.arange(len(pick)), first]
-            yield tid.masked_fill(pick, MASK_ID), tmask, tid, pick
+            n_pick = torch.full((len(pick),), float(pick.sum()))  # global count, on every row
+            yield tid.masked_fill(pick, MASK_ID), tmask, tid, pick, n_pick
 
     def step(b: Any) -> dict[str, torch.Tensor]:
-        inp, tmask, target, pick = b
+        inp, tmask, target, pick, n_pick = b
         logits = head(tower.states(inp, tmask))  # (B, T, V)
-        return {"loss": F.cross_entropy(logits[pick], target[pick])}
+        # sum over this rank's masked tokens / all ranks' count, times the world size:
+        # DDP's gradient average then equals the mean over the global batch
+        loss = F.cross_entropy(logits[pick], target[pick], reduction="sum") / n_pick[0] * _CTX.loss_scale
+        return {"loss": loss}
 
     _run_epochs("stage1-text", run / "stage1" / "text.ckpt", key, {"tower": tower, "head": head}, opt,
                 s1.text_epochs, spe, s1.lr, 0.05, batches, step, on_progress)
@@ -390,6 +435,8 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
         raise TrainError(f"stage 2 needs at least 2 training pairs, got {n}")
     bs = min(s2.batch_size, n)
     spe = n // bs
+    if bs % _CTX.world:
+        raise TrainError(f"stage-2 batch {bs} is not divisible by {_CTX.world} processes")
     use_alts = alts is not None and s2.alt_prob > 0 and len(alts.ids) > 0
     adv_unpaired = disc is not None and s2.adv_unpaired and unpaired is not None
     extra_key = [] if not (s2.multi_positive or use_alts or adv_unpaired) else [
@@ -439,11 +486,15 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
 
     def step(b: Any) -> dict[str, torch.Tensor]:
         px, tid, tmask, cid, extra = b
-        ie = model.encode_image(px, use_pca=False)  # (B, E)
+        ie = model.encode_image(px, use_pca=False)  # (B, E), this rank's rows
         te = model.encode_text(tid, tmask, use_pca=False)  # (B, E)
         scale = model.logit_scale.clamp(max=math.log(100.0)).exp()
-        clip = contrastive_loss(ie, te, scale, cid, s2.hard_negative_beta)
+        # over the global batch: all ranks' embeddings, gradients flowing into this rank's
+        clip = contrastive_loss(_CTX.gather(ie), _CTX.gather(te), scale,
+                                _CTX.gather(cid) if cid is not None else None, s2.hard_negative_beta)
         out = {"loss": clip, "clip": clip.detach(), "temp": (1.0 / scale).detach()}
+        if _CTX.enabled:
+            out["loss_backward"] = clip * _CTX.loss_scale
         if disc is not None:
             imgs, txts = [ie], [te]
             if extra is not None:
@@ -458,6 +509,8 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
             adv = F.binary_cross_entropy_with_logits(disc(both, 1.0), lab)
             out["loss"] = clip + s2.adv_weight * adv
             out["adv"] = adv.detach()
+            if _CTX.enabled:
+                out["loss_backward"] = clip * _CTX.loss_scale + s2.adv_weight * adv
         return out
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
@@ -615,6 +668,27 @@ def train(
     contrastive loss uses pairs only. Alternative texts (``stage2.alt_column``) are used
     the same way, and as extra positives of their pair with ``stage2.alt_prob`` > 0.
     """
+    global _CTX
+    ctx = DistContext.from_env()  # torchrun sets WORLD_SIZE/RANK; a plain run is one process
+    _CTX = ctx
+    try:
+        return _train(data, run_dir, config, val_data=val_data, on_progress=on_progress if ctx.is_main else None,
+                      unpaired_images=unpaired_images, unpaired_texts=unpaired_texts)
+    finally:
+        ctx.barrier()
+        _CTX = DistContext()
+
+
+def _train(
+    data: str | Path | LoadResult,
+    run_dir: str | Path,
+    config: TrainConfig | None,
+    *,
+    val_data: str | Path | LoadResult | None,
+    on_progress: ProgressFn | None,
+    unpaired_images: Sequence[str | Path] | None,
+    unpaired_texts: Sequence[str] | None,
+) -> TrainResult:
     cfg = config or TrainConfig()
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -642,9 +716,10 @@ def train(
                       cfg.text.max_length)
     tok_path = run / "tokenizer.json"
     tok_meta = run / "tokenizer.key"
-    if not (tok_path.exists() and tok_meta.exists() and tok_meta.read_text() == tok_key):
+    if _CTX.is_main and not (tok_path.exists() and tok_meta.exists() and tok_meta.read_text() == tok_key):
         train_tokenizer(tok_texts, cfg.text.tokenizer_vocab, cfg.text.max_length, tok_path)
         _atomic_write_text(tok_meta, tok_key)
+    _CTX.barrier()  # the other ranks read rank 0's tokenizer
     tokenizer = TextTokenizer(tok_path, max_length=cfg.text.max_length, pad_id=PAD_ID)
     cfg.text.vocab_size = Tokenizer.from_file(str(tok_path)).get_vocab_size()
 
@@ -728,6 +803,8 @@ def train(
 
 
 def _save_samples(run: Path, held_px: np.ndarray, held_txt: list[str], calib_px: np.ndarray) -> None:
+    if not _CTX.is_main:
+        return
     for name, arr in (("samples.npy", held_px), ("calib.npy", calib_px)):
         tmp = run / (name + ".tmp.npy")
         np.save(tmp, np.ascontiguousarray(arr, dtype=np.uint8), allow_pickle=False)
