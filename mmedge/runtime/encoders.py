@@ -2,8 +2,12 @@
 
 Both encoders return ``float32 (B, D)`` L2-normalised embeddings (the graphs normalise), where
 ``D = bundle.dim``. Sessions are created once per encoder with graph optimisation
-``ORT_ENABLE_ALL``; ``threads`` sets ONNX Runtime's intra-op thread count (``None``: its
-default, one per physical core).
+``ORT_ENABLE_ALL``; ``threads`` sets ONNX Runtime's intra-op thread count. ``None`` means: one
+thread for the text tower (a query is one short sequence, where a second thread only adds
+synchronisation: measured slower at batch 1) and ONNX Runtime's default (one per physical core)
+for the image tower. Sessions with more than one thread do not spin while waiting for work, so
+that they leave the cores to the other stages of a pipeline (decoding, the HNSW insert) and to
+other processes; on a shared 2-core machine this measured faster, not slower.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ def _session(model: Path, providers: list[str], threads: int | None) -> ort.Infe
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if threads != 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not model.is_file():
         raise BundleError(f"model file {model} does not exist")
     try:
@@ -218,7 +224,7 @@ class TextEncoder(_Encoder):
     Args:
         bundle: a loaded :class:`Bundle` (or a bundle folder, loaded with checksums).
         providers: see :func:`choose_providers`.
-        threads: ONNX Runtime intra-op threads (``None``: its default).
+        threads: ONNX Runtime intra-op threads (``None``: one, see the module docstring).
     """
 
     def __init__(
@@ -229,7 +235,7 @@ class TextEncoder(_Encoder):
     ) -> None:
         b = _as_bundle(bundle)
         inputs = b.text_inputs
-        super().__init__(b, b.text_model_path, inputs, b.text_output, providers, threads)
+        super().__init__(b, b.text_model_path, inputs, b.text_output, providers, 1 if threads is None else threads)
         self.tokenizer = TextTokenizer(b.tokenizer_path, b.max_length, b.pad_id)
         self._ids_name, self._mask_name = inputs[0], inputs[1]
 
