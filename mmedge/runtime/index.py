@@ -46,15 +46,22 @@ a checkpoint) and can be opened ``readonly`` from read-only media, where WAL nee
 Concurrency: one writer at a time. A writer holds SQLite's write lock from its first change
 until :meth:`Index.save` or :meth:`Index.close`; another writer's first change then fails
 with :class:`~mmedge.errors.SearchIndexError` (after the busy timeout), and a writer whose
-snapshot is older than the folder's generation is refused too (reopen it). Readers load the
-graph of the generation committed when they opened and keep it; item rows are read live,
-and a hit whose row has since been removed is dropped. Inside one process, every method is
-serialised by a :class:`threading.RLock`.
+snapshot is older than the folder's generation is refused too (reopen it). Readers in other
+processes load the graph of the generation committed when they opened and keep it; item rows
+are read live, and a hit whose row has since been removed is dropped.
+
+Inside one process an :class:`Index` is shared safely by many threads through a
+readers-writer lock: :meth:`Index.search`, :meth:`Index.get`, :meth:`Index.keys`,
+:meth:`Index.vectors`, :meth:`Index.check` and :meth:`Index.info` run in parallel (hnswlib's
+``knn_query`` releases the GIL); :meth:`Index.add`, :meth:`Index.remove`, :meth:`Index.save`
+and :meth:`Index.close` run alone. A read sees the state left by the last change call that
+completed before it started (saved or not), never part of one.
 
 Every corrupt, missing or mismatched file raises :class:`~mmedge.errors.SearchIndexError`
 naming the file; an HNSW file is checked structurally (header against the index's ``dim``
-and ``M``, exact size, neighbour ids, finite vectors, unique labels) before hnswlib loads it,
-because hnswlib can crash on a damaged file.
+and ``M``, exact size, neighbour ids, link levels, finite unit vectors, unique labels) before
+hnswlib loads it, because hnswlib can crash on a damaged file, and its live labels must be
+exactly the item store's.
 """
 
 from __future__ import annotations
@@ -106,6 +113,8 @@ _VEC_CHUNK = 8192
 # enterpoint_node (uint32), maxM, maxM0, M (size_t), mult (double), ef_construction (size_t).
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 _MAX_LEVEL = 128
+# Stored vectors are unit length (normalised in float32 before hnswlib copies them).
+_NORM_TOL = 1e-3
 
 
 def _hnsw_name(generation: int) -> str:
@@ -163,6 +172,7 @@ class _HnswFileInfo:
     M: int
     ef_construction: int
     max_label: int  # -1 when empty
+    live_labels: np.ndarray  # sorted labels of the slots not marked deleted (uint64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,8 +223,10 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
     """Check an hnswlib index file structurally before hnswlib reads it.
 
     Verifies the header against ``dim``, the exact file size implied by the element count and
-    the upper-level link lists, that every neighbour id is below the element count, that the
-    vectors are finite and the labels unique. Raises :class:`SearchIndexError` naming the file.
+    the upper-level link lists, that every neighbour id is below the element count, that a
+    neighbour at level ``l`` reaches level ``l`` itself (hnswlib follows such a link without
+    looking and crashes otherwise), that the vectors are finite and of unit length and that
+    the labels are unique. Raises :class:`SearchIndexError` naming the file.
     """
     try:
         size = path.stat().st_size
@@ -253,7 +265,7 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
             if cur == 0:
                 if size != hsize:
                     raise bad(f"{size - hsize} unexpected bytes after the header of an empty graph")
-                return _HnswFileInfo(max_el, 0, 0, m, efc, -1)
+                return _HnswFileInfo(max_el, 0, 0, m, efc, -1, np.zeros(0, dtype=np.uint64))
             if not 0 <= maxlevel < _MAX_LEVEL or ep >= cur:
                 raise bad(f"entry point {ep} / max level {maxlevel} out of range")
 
@@ -261,6 +273,7 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
             mm = np.memmap(f, dtype=np.uint8, mode="r", offset=hsize, shape=(cur, sdpe))
             deleted = 0
             labels = np.empty(cur, dtype=np.uint64)
+            is_deleted = np.empty(cur, dtype=bool)
             slot = np.arange(max_m0, dtype=np.uint32)
             chunk = max(1, (64 << 20) // sdpe)
             for start in range(0, cur, chunk):
@@ -272,10 +285,17 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
                 ids = words[:, 1:]
                 if (ids[slot[None, :] < counts[:, None]] >= cur).any():
                     raise bad("a level-0 neighbour id is out of range")
-                deleted += int(((words[:, 0] >> 16) & 1).sum())
+                flags = ((words[:, 0] >> 16) & 1).astype(bool)
+                is_deleted[start:start + len(blk)] = flags
+                deleted += int(flags.sum())
                 vecs = np.ascontiguousarray(blk[:, off_data:label_off]).view("<f4")
                 if not np.isfinite(vecs).all():
                     raise bad("a stored vector is not finite")
+                v64 = vecs.astype(np.float64)
+                norms = np.sqrt(np.einsum("ij,ij->i", v64, v64))
+                if (np.abs(norms - 1.0) > _NORM_TOL).any():
+                    j = int(np.argmax(np.abs(norms - 1.0) > _NORM_TOL))
+                    raise bad(f"the vector of element {start + j} has norm {norms[j]:.6g}, not 1")
                 labels[start:start + len(blk)] = (
                     np.ascontiguousarray(blk[:, label_off:label_off + 8]).view("<u8").ravel()
                 )
@@ -294,6 +314,8 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
     ep_level = 0
     end = len(tail)
     unpack = struct.Struct("<I").unpack_from
+    levels = np.zeros(cur, dtype=np.int64)
+    upper: list[tuple[int, np.ndarray, np.ndarray]] = []  # (element, words, mask) with level > 0
     for i in range(cur):
         if pos + 4 > end:
             raise bad("the upper-level link lists are truncated")
@@ -310,6 +332,8 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
             mask = np.arange(max_m)[None, :] < counts[:, None]
             if (words[:, 1:][mask] >= cur).any():
                 raise bad(f"element {i} has an upper-level neighbour id out of range")
+            levels[i] = level
+            upper.append((i, words, mask))
             pos += n
         else:
             level = 0
@@ -319,7 +343,11 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
         raise bad(f"{end - pos} unexpected bytes after the link lists")
     if ep_level != maxlevel:
         raise bad(f"the entry point has level {ep_level}, the header says {maxlevel}")
-    return _HnswFileInfo(max_el, cur, deleted, m, efc, int(labels.max()))
+    for i, words, mask in upper:
+        need = np.broadcast_to(np.arange(1, len(words) + 1)[:, None], mask.shape)[mask]
+        if (levels[words[:, 1:][mask]] < need).any():
+            raise bad(f"element {i} links to a neighbour above that neighbour's level")
+    return _HnswFileInfo(max_el, cur, deleted, m, efc, int(labels.max()), np.sort(labels[~is_deleted]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -677,6 +705,17 @@ class Index:
             raise SearchIndexError(
                 f"HNSW file {hpath} holds {live} live vectors but {db} has {count} items"
             )
+        try:
+            rows = np.fromiter((r[0] for r in conn.execute("SELECT label FROM items ORDER BY label")),
+                               dtype=np.int64, count=count)
+        except (sqlite3.Error, ValueError) as exc:
+            raise SearchIndexError(f"cannot read item store {db}: {exc}") from exc
+        if (rows < 0).any() or not np.array_equal(rows.astype(np.uint64), finfo.live_labels):
+            only_db = np.setdiff1d(rows.astype(np.uint64), finfo.live_labels)
+            only_graph = np.setdiff1d(finfo.live_labels, rows.astype(np.uint64))
+            which = (f"label {int(only_db[0])} is in {db} but not live in the graph" if only_db.size
+                     else f"label {int(only_graph[0])} is live in the graph but has no row in {db}")
+            raise SearchIndexError(f"HNSW file {hpath} and {db} disagree: {which}")
         capacity = max(finfo.count, min(finfo.max_elements, 2 * finfo.count + INITIAL_CAPACITY), 16)
         hnsw = hnswlib.Index(space="ip", dim=dim)
         try:

@@ -27,8 +27,8 @@ from mmedge.errors import SearchIndexError, TextError, UsageError
 from mmedge.runtime.bundle import Bundle
 from mmedge.runtime.encoders import ImageEncoder, TextEncoder
 from mmedge.runtime.index import Hit, Index, Item
-from mmedge.runtime.preprocess import ImageSource, is_single_source
-from mmedge.runtime.tokenizer import clean_text
+from mmedge.runtime.preprocess import MAX_IMAGE_BATCH, ImageSource, is_single_source
+from mmedge.runtime.tokenizer import MAX_BATCH, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UsageError(f"k must be a positive integer, got {k!r}")
+
+
+def _check_batch_size(batch_size: int, limit: int, name: str) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= limit:
+        raise UsageError(f"batch_size must be an integer from 1 to {limit} ({name}), got {batch_size!r}")
 
 
 def _check_not_blank(text: object, what: str) -> None:
@@ -115,11 +120,15 @@ class Retriever:
 
     # -- encoding --------------------------------------------------------------------
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """``B`` texts -> ``(B, D) float32`` unit vectors (a bare str gives ``(1, D)``)."""
+        """``B`` texts -> ``(B, D) float32`` unit vectors (a bare str gives ``(1, D)``); encoded
+        ``batch_size`` (at most ``MAX_BATCH``) at a time."""
+        _check_batch_size(batch_size, MAX_BATCH, "MAX_BATCH")
         return self.text_encoder.encode(texts, batch_size=batch_size)
 
     def encode_image(self, images: Sequence[ImageSource] | ImageSource, batch_size: int = 64) -> np.ndarray:
-        """``B`` images -> ``(B, D) float32`` unit vectors (a single source gives ``(1, D)``)."""
+        """``B`` images -> ``(B, D) float32`` unit vectors (a single source gives ``(1, D)``);
+        encoded ``batch_size`` (at most ``MAX_IMAGE_BATCH``) at a time."""
+        _check_batch_size(batch_size, MAX_IMAGE_BATCH, "MAX_IMAGE_BATCH")
         return self.image_encoder.encode(images, batch_size=batch_size)
 
     # -- search ------------------------------------------------------------------------
