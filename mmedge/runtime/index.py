@@ -269,38 +269,43 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
             if not 0 <= maxlevel < _MAX_LEVEL or ep >= cur:
                 raise bad(f"entry point {ep} / max level {maxlevel} out of range")
 
-            # level 0: links, vectors, labels (memory-mapped, checked in chunks)
-            mm = np.memmap(f, dtype=np.uint8, mode="r", offset=hsize, shape=(cur, sdpe))
+            # level 0: links, vectors, labels, read and checked in blocks of about 4 MiB (a
+            # memory map would count the whole file in the process's resident memory)
             deleted = 0
             labels = np.empty(cur, dtype=np.uint64)
             is_deleted = np.empty(cur, dtype=bool)
             slot = np.arange(max_m0, dtype=np.uint32)
-            chunk = max(1, (64 << 20) // sdpe)
+            chunk = max(1, (4 << 20) // sdpe)
+            buf = np.empty((min(chunk, cur), sdpe), dtype=np.uint8)
             for start in range(0, cur, chunk):
-                blk = np.array(mm[start:start + chunk])
+                blk = buf[:min(chunk, cur - start)]
+                if f.readinto(memoryview(blk).cast("B")) != blk.nbytes:
+                    raise bad("level 0 is truncated")
                 words = np.ascontiguousarray(blk[:, :links0]).view("<u4")
                 counts = words[:, 0] & 0xFFFF
                 if (counts > max_m0).any():
                     raise bad("a level-0 link count exceeds maxM0")
                 ids = words[:, 1:]
-                if (ids[slot[None, :] < counts[:, None]] >= cur).any():
+                if ((ids >= cur) & (slot[None, :] < counts[:, None])).any():
                     raise bad("a level-0 neighbour id is out of range")
                 flags = ((words[:, 0] >> 16) & 1).astype(bool)
                 is_deleted[start:start + len(blk)] = flags
                 deleted += int(flags.sum())
-                vecs = np.ascontiguousarray(blk[:, off_data:label_off]).view("<f4")
-                if not np.isfinite(vecs).all():
+                vecs = blk[:, off_data:label_off].view("<f4")
+                # squared norms in float32 (error ~1e-5, far below _NORM_TOL); not finite when a
+                # value is not (or overflows when squared, which the norm check then refuses)
+                sq = np.einsum("ij,ij->i", vecs, vecs)
+                if not np.isfinite(sq).all() and not np.isfinite(vecs).all():
                     raise bad("a stored vector is not finite")
-                v64 = vecs.astype(np.float64)
-                norms = np.sqrt(np.einsum("ij,ij->i", v64, v64))
+                norms = np.sqrt(sq.astype(np.float64))
                 if (np.abs(norms - 1.0) > _NORM_TOL).any():
                     j = int(np.argmax(np.abs(norms - 1.0) > _NORM_TOL))
                     raise bad(f"the vector of element {start + j} has norm {norms[j]:.6g}, not 1")
                 labels[start:start + len(blk)] = (
                     np.ascontiguousarray(blk[:, label_off:label_off + 8]).view("<u8").ravel()
                 )
-            del mm
-            if np.unique(labels).size != cur:
+            ordered = np.sort(labels)  # (np.unique would import numpy.ma, slow at start-up)
+            if (ordered[1:] == ordered[:-1]).any():
                 raise bad("duplicate labels")
 
             # upper levels: per element a uint32 byte count, then that many bytes of links
@@ -309,44 +314,65 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
     except OSError as exc:
         raise SearchIndexError(f"cannot read HNSW file {path}: {exc}") from exc
 
+    # Upper levels: per element a uint32 byte count, then that many bytes of links. Most
+    # elements have none (a zero count), so the walk jumps from one non-zero word to the next;
+    # the link lists found are then checked together.
     slpe = max_m * 4 + 4
-    pos = 0
-    ep_level = 0
     end = len(tail)
-    unpack = struct.Struct("<I").unpack_from
-    levels = np.zeros(cur, dtype=np.int64)
-    upper: list[tuple[int, np.ndarray, np.ndarray]] = []  # (element, words, mask) with level > 0
-    for i in range(cur):
-        if pos + 4 > end:
+    words = np.frombuffer(tail, dtype="<u4", count=end // 4)
+    nw = len(words)
+    nonzero = np.flatnonzero(words)
+    elems: list[int] = []
+    heads: list[int] = []
+    pos = 0  # word index of the next element's byte count
+    i = 0
+    while i < cur:
+        k = int(np.searchsorted(nonzero, pos))
+        q = int(nonzero[k]) if k < len(nonzero) else nw
+        if q - pos >= cur - i:  # the remaining elements have no upper levels
+            pos += cur - i
+            break
+        if q >= nw:
             raise bad("the upper-level link lists are truncated")
-        (n,) = unpack(tail, pos)
-        pos += 4
-        if n:
-            level = n // slpe
-            if n % slpe or level > maxlevel or pos + n > end:
-                raise bad(f"element {i} has a malformed upper-level link list ({n} bytes)")
-            words = np.frombuffer(tail, dtype="<u4", count=n // 4, offset=pos).reshape(level, max_m + 1)
-            counts = words[:, 0] & 0xFFFF
-            if (counts > max_m).any():
-                raise bad(f"element {i} has an upper-level link count above maxM")
-            mask = np.arange(max_m)[None, :] < counts[:, None]
-            if (words[:, 1:][mask] >= cur).any():
-                raise bad(f"element {i} has an upper-level neighbour id out of range")
-            levels[i] = level
-            upper.append((i, words, mask))
-            pos += n
-        else:
-            level = 0
-        if i == ep:
-            ep_level = level
+        i += q - pos
+        n = int(words[q])
+        if n % slpe or n // slpe > maxlevel or 4 * (q + 1) + n > end:
+            raise bad(f"element {i} has a malformed upper-level link list ({n} bytes)")
+        elems.append(i)
+        heads.append(q)
+        pos = q + 1 + n // 4
+        i += 1
+    levels = np.zeros(cur, dtype=np.int64)
+    ep_level = 0
+    owner = np.asarray(elems, dtype=np.int64)
+    if elems:
+        head = np.asarray(heads, dtype=np.int64)
+        counts_per = words[head].astype(np.int64) // slpe  # levels above 0 of each element
+        levels[owner] = counts_per
+        row_owner = np.repeat(owner, counts_per)
+        row_level = np.arange(len(row_owner)) - np.repeat(np.cumsum(counts_per) - counts_per, counts_per)
+        row_start = np.repeat(head + 1, counts_per) + row_level * (max_m + 1)
+        rows = words[row_start[:, None] + np.arange(max_m + 1)[None, :]]
+        counts = rows[:, 0] & 0xFFFF
+        over = np.flatnonzero(counts > max_m)
+        if over.size:
+            raise bad(f"element {row_owner[over[0]]} has an upper-level link count above maxM")
+        mask = np.arange(max_m)[None, :] < counts[:, None]
+        ids = rows[:, 1:]
+        out = np.flatnonzero(((ids >= cur) & mask).any(axis=1))
+        if out.size:
+            raise bad(f"element {row_owner[out[0]]} has an upper-level neighbour id out of range")
+        ep_level = int(levels[ep])
+    pos *= 4
     if pos != end:
         raise bad(f"{end - pos} unexpected bytes after the link lists")
     if ep_level != maxlevel:
         raise bad(f"the entry point has level {ep_level}, the header says {maxlevel}")
-    for i, words, mask in upper:
-        need = np.broadcast_to(np.arange(1, len(words) + 1)[:, None], mask.shape)[mask]
-        if (levels[words[:, 1:][mask]] < need).any():
-            raise bad(f"element {i} links to a neighbour above that neighbour's level")
+    if elems:
+        # a neighbour at level l must itself reach level l (row_level is l - 1)
+        low = ((levels[np.where(mask, ids, 0)] <= row_level[:, None]) & mask).any(axis=1)
+        if low.any():
+            raise bad(f"element {row_owner[int(np.argmax(low))]} links to a neighbour above that neighbour's level")
     return _HnswFileInfo(max_el, cur, deleted, m, efc, int(labels.max()), np.sort(labels[~is_deleted]))
 
 
