@@ -46,6 +46,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -341,6 +342,13 @@ def write(report: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(markdown(report))
 
 
+def fmt(value: Any) -> str:
+    """Thousands separators for integers; "n/a" for a figure a partial run does not have yet."""
+    if value is None:
+        return "n/a"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def markdown(r: dict) -> str:
     m, v, c = r["machine"], r["versions"], r["config"]
     lines = [
@@ -376,8 +384,8 @@ def markdown(r: dict) -> str:
         f"| build of the {c['items']:,}-item index | {r['build_s']} s |",
         f"| query loop | {r['loop_s']} s, {r['queries_per_s']} queries/s (churn and saves included) |",
         f"| malformed results or errors | {r['bad_results']} |",
-        f"| RSS at warm-up ({r['rss_warm_at_queries']:,} queries) | {r['rss_warm_mib']} MiB |",
-        f"| largest RSS after warm-up | {r['rss_max_after_warm_mib']} MiB |",
+        f"| RSS at warm-up ({fmt(r['rss_warm_at_queries'])} queries) | {fmt(r['rss_warm_mib'])} MiB |",
+        f"| largest RSS after warm-up | {fmt(r['rss_max_after_warm_mib'])} MiB |",
         f"| RSS growth after warm-up | "
         f"{'n/a' if r['rss_growth_after_warmup'] is None else format(100 * r['rss_growth_after_warmup'], '.2f') + ' %'} |",
         f"| recall@10 vs brute force (200 queries), min / max over checkpoints | "
