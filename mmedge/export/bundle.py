@@ -125,9 +125,12 @@ def _quantize_text(src: Path, dst: Path, tmp: Path) -> None:
 
     pre = tmp / "text.pre.onnx"
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    # Dynamic int8 on the MatMuls (weights int8, activations quantised per call);
-    # the token embedding Gather stays fp32 so rare tokens keep their precision.
-    quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+    # Dynamic int8 on the MatMuls (weights int8, activations quantised per call) and int8
+    # weights for the token embedding Gather (dequantised rows). Quantising the embedding
+    # table takes the text graph from 37% to 32% of its fp32 size, and the two int8 model files
+    # together under 30% of the fp32 ones; on the demo's 11,500 captions the cosine to fp32 went
+    # from 0.99987 to 0.99985 on average (minimum 0.99896 -> 0.99884), with the same R@5.
+    quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
                      reduce_range=True)  # 7-bit weights: no int16 saturation without VNNI (see above)
 
 
