@@ -351,10 +351,12 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
 
     import numpy as np
 
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from mmedge.errors import ImageError, TextError
     from mmedge.runtime.encoders import ImageEncoder, TextEncoder
     from mmedge.runtime.index import Item
-    from mmedge.runtime.preprocess import preprocess
+    from mmedge.runtime.preprocess import load_image, normalize, to_uint8
 
     enc = ImageEncoder(bundle, threads=threads) if modality == "image" else TextEncoder(bundle, threads=threads)
     todo = []
@@ -366,7 +368,18 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
             seen.add(str(p.image))
         todo.append(p)
     added = skipped = 0
-    with _Bar(progress) as bar:
+    cfg = bundle.preprocess
+
+    def encode_and_add(ok: list, pixels: list) -> int:
+        # runs in a worker thread while the main thread decodes the next batch: ONNX Runtime
+        # and hnswlib release the GIL, decoding mostly holds it
+        vecs = enc.encode_pixels(normalize(np.stack(pixels), cfg))
+        idx.add([Item(key=p.key, modality=modality, path=str(p.image), caption=p.caption,
+                      metadata=dict(p.extra)) for p in ok], vecs, upsert=upsert)
+        return len(ok)
+
+    pending: Optional[Future] = None
+    with _Bar(progress) as bar, ThreadPoolExecutor(max_workers=1) as pool:
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
             if modality == "text":
@@ -388,20 +401,27 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
                 ok, arrays = [], []
                 for p in chunk:
                     try:
-                        arrays.append(preprocess([p.image], bundle.preprocess))
+                        arrays.append(to_uint8(load_image(p.image, cfg), cfg))
                         ok.append(p)
                     except ImageError as e:
                         if not skip_bad:
                             raise ImageError(f"{e} (--skip-bad skips unreadable images)") from e
                         skipped += 1
                         _err(f"skipped {p.image}: {e}")
-                vecs = enc.encode_pixels(np.concatenate(arrays)) if arrays else None
+                if pending is not None:
+                    added += pending.result()
+                    bar.update(f"indexing {modality}s", s, len(todo))
+                pending = pool.submit(encode_and_add, ok, arrays) if ok else None
+                continue
             if ok and vecs is not None:
                 items = [Item(key=p.key, modality=modality, path=str(p.image), caption=p.caption,
                               metadata=dict(p.extra)) for p in ok]
                 idx.add(items, vecs, upsert=upsert)
                 added += len(items)
             bar.update(f"indexing {modality}s", min(s + batch_size, len(todo)), len(todo))
+        if pending is not None:
+            added += pending.result()
+        bar.update(f"indexing {modality}s", len(todo), len(todo))
     return added, skipped
 
 
@@ -422,20 +442,15 @@ def query(
     provider: Optional[str] = typer.Option(None, help="ONNX Runtime provider: cpu, cuda, ... (default: best available)."),
 ) -> None:
     """Search an index with a text or an image."""
-    if (text is None) == (image is None):
-        raise UsageError("give exactly one of --text or --image")
-    if k <= 0:
-        raise UsageError(f"-k must be at least 1, got {k}")
-    from mmedge.runtime.retriever import Retriever
+    # the same code as the console entry's typer-free path for plain query invocations
+    from mmedge.cli.entry import run_query
 
-    r = Retriever(bundle, index, providers=provider, threads=threads, readonly=True)
-    hits = r.search(text=text, k=k) if text is not None else r.search(image=image, k=k)
-    if as_json:
-        _out(json.dumps([_hit_dict(h) for h in hits], indent=2, ensure_ascii=False))
-        return
-    for rank, h in enumerate(hits, 1):
-        label = h.caption if h.modality == "text" else (h.path or h.key)
-        _out(f"{rank:>3}. {h.score:.4f}  {h.key}  {label if label != h.key else ''}".rstrip())
+    run_query(bundle, index, text, image, k, as_json, threads, provider, out=_out)
+
+
+from mmedge.cli.bench import bench as _bench  # noqa: E402 - `mmedge bench`, in its own module
+
+app.command("bench")(_bench)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -470,6 +485,13 @@ def demo(
     _out(_fmt_metrics_table({k: report[k] for k in ("fp32", "int8")}))
     _out("")
     _out(f"report: {out / 'report.json'}  ({time.perf_counter() - t0:.0f} s)")
+
+
+# ----------------------------------------------------------------------------- viz
+
+from mmedge.cli.viz import viz as _viz  # noqa: E402 - the command lives in its own module
+
+app.command("viz")(_viz)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -18,11 +18,13 @@ seed) are unchanged is reused, so changing only stage 2 does not re-run stage 1.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -629,6 +631,27 @@ def tokenize_all(tokenizer: TextTokenizer, texts: Sequence[str], chunk: int = 20
     return ids, mask
 
 
+def _stage1_source(path: str | Path, cfg: TrainConfig) -> Path:
+    """Check that ``path`` is a run with finished stage-1 towers that fit ``cfg``."""
+    src = Path(path)
+    for name in ("tokenizer.json", "preprocess.json", "stage1/image.pt", "stage1/text.pt"):
+        if not (src / name).is_file():
+            raise TrainError(f"stage1_from={src}: no finished stage 1 there ({name} missing)")
+    for m, mine in (("image", cfg.image), ("text", cfg.text)):
+        ck = _load_ckpt(src / "stage1" / f"{m}.pt")
+        assert ck is not None
+        try:
+            theirs = TrainConfig.from_dict(json.loads(ck["config"]))
+        except (KeyError, json.JSONDecodeError) as e:
+            raise TrainError(f"{src / 'stage1' / f'{m}.pt'}: no readable config ({e})") from None
+        a = {k: v for k, v in dataclasses.asdict(getattr(theirs, m)).items() if k != "vocab_size"}
+        b = {k: v for k, v in dataclasses.asdict(mine).items() if k != "vocab_size"}
+        if a != b:
+            raise TrainError(f"stage1_from={src}: its {m} tower settings differ from this config's "
+                             f"({a} vs {b})")
+    return src
+
+
 def alt_texts_of(pairs: LoadResult, column: str) -> list[list[str]]:
     """Per pair, its alternative texts: ``column``'s value split on ``|``, stripped, without
     empties, duplicates or the caption itself (``[]`` where the column is absent)."""
@@ -654,6 +677,7 @@ def train(
     on_progress: ProgressFn | None = None,
     unpaired_images: Sequence[str | Path] | None = None,
     unpaired_texts: Sequence[str] | None = None,
+    stage1_from: str | Path | None = None,
 ) -> TrainResult:
     """Run stage 1, stage 2 and PCA on paired data; write the run folder.
 
@@ -667,13 +691,18 @@ def train(
     discriminator when ``stage2.adversarial`` and ``stage2.adv_unpaired`` are set. Stage 2's
     contrastive loss uses pairs only. Alternative texts (``stage2.alt_column``) are used
     the same way, and as extra positives of their pair with ``stage2.alt_prob`` > 0.
+
+    ``stage1_from``: another run folder whose stage-1 towers (and so its tokenizer and
+    image normalisation) this run starts from instead of running stage 1 itself, e.g. to
+    pre-train once on a large unpaired collection and align several times. Its tower
+    settings must equal this config's.
     """
     global _CTX
     ctx = DistContext.from_env()  # torchrun sets WORLD_SIZE/RANK; a plain run is one process
     _CTX = ctx
     try:
         return _train(data, run_dir, config, val_data=val_data, on_progress=on_progress if ctx.is_main else None,
-                      unpaired_images=unpaired_images, unpaired_texts=unpaired_texts)
+                      unpaired_images=unpaired_images, unpaired_texts=unpaired_texts, stage1_from=stage1_from)
     finally:
         ctx.barrier()
         _CTX = DistContext()
@@ -688,6 +717,7 @@ def _train(
     on_progress: ProgressFn | None,
     unpaired_images: Sequence[str | Path] | None,
     unpaired_texts: Sequence[str] | None,
+    stage1_from: str | Path | None = None,
 ) -> TrainResult:
     cfg = config or TrainConfig()
     run = Path(run_dir)
@@ -712,13 +742,21 @@ def _train(
     alt_lists = alt_texts_of(pairs, cfg.stage2.alt_column)
     alt_flat = [t for a in alt_lists for t in a]
     tok_texts = captions + alt_flat + u_texts
-    tok_key = _digest("tok", tok_texts if (alt_flat or u_texts) else captions, cfg.text.tokenizer_vocab,
-                      cfg.text.max_length)
     tok_path = run / "tokenizer.json"
     tok_meta = run / "tokenizer.key"
-    if _CTX.is_main and not (tok_path.exists() and tok_meta.exists() and tok_meta.read_text() == tok_key):
-        train_tokenizer(tok_texts, cfg.text.tokenizer_vocab, cfg.text.max_length, tok_path)
-        _atomic_write_text(tok_meta, tok_key)
+    src = _stage1_source(stage1_from, cfg) if stage1_from is not None else None
+    if src is not None:
+        if _CTX.is_main and not (tok_path.exists() and tok_path.read_bytes() == (src / "tokenizer.json").read_bytes()):
+            tmp = run / "tokenizer.json.tmp"
+            shutil.copyfile(src / "tokenizer.json", tmp)
+            os.replace(tmp, tok_path)
+        _atomic_write_text(tok_meta, "from:" + _digest((src / "tokenizer.json").read_bytes().hex()))
+    else:
+        tok_key = _digest("tok", tok_texts if (alt_flat or u_texts) else captions, cfg.text.tokenizer_vocab,
+                          cfg.text.max_length)
+        if _CTX.is_main and not (tok_path.exists() and tok_meta.exists() and tok_meta.read_text() == tok_key):
+            train_tokenizer(tok_texts, cfg.text.tokenizer_vocab, cfg.text.max_length, tok_path)
+            _atomic_write_text(tok_meta, tok_key)
     _CTX.barrier()  # the other ranks read rank 0's tokenizer
     tokenizer = TextTokenizer(tok_path, max_length=cfg.text.max_length, pad_id=PAD_ID)
     cfg.text.vocab_size = Tokenizer.from_file(str(tok_path)).get_vocab_size()
@@ -736,6 +774,8 @@ def _train(
     del px
     pcfg = PreprocessConfig(size=(s, s), resize_filter=cfg.resize_filter, mean=mean, std=std,
                             alpha_background=tuple(cfg.alpha_background))
+    if src is not None:  # the pre-trained towers expect their own normalisation
+        pcfg = PreprocessConfig.from_manifest(json.loads((src / "preprocess.json").read_text()))
     _atomic_write_text(run / "preprocess.json", json.dumps(pcfg.to_manifest(), indent=2))
     val_t = prepare(val_pairs, tokenizer, pcfg) if val_pairs is not None else None
     alt_ids, alt_mask = tokenize_all(tokenizer, alt_flat)
@@ -746,7 +786,11 @@ def _train(
 
     image_init = text_init = None
     init_key = "scratch"
-    if cfg.stage1.enabled:
+    if src is not None:
+        cks = [_load_ckpt(src / "stage1" / f"{m}.pt") for m in ("image", "text")]
+        image_init, text_init = cks[0]["modules"]["tower"], cks[1]["modules"]["tower"]  # type: ignore[index]
+        init_key = "from:" + str(cks[0]["key"]) + str(cks[1]["key"])  # type: ignore[index]
+    elif cfg.stage1.enabled:
         t = time.perf_counter()
         image_init, ik = _stage1_image(cfg, all_pixels, pcfg, run, on_progress)
         if len(alt_ids) or len(u_ids):

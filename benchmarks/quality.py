@@ -1,0 +1,635 @@
+"""Quality benchmark: does unsupervised representation learning make cross-modal retrieval
+better? The ablation of the issue on the emoji data, in one command::
+
+    python benchmarks/quality.py --out benchmarks/results            # the full run
+    python benchmarks/quality.py --out /tmp/quality --quick          # smoke run, minutes
+
+Writes ``quality.json``, ``quality.md`` and ``quality.png`` (the chart) to ``--out``.
+Training runs, bundles and a cache of finished rows go to ``--work`` (default
+``/tmp/mmedge-quality``): re-running the command skips the rows already measured with
+the same settings, so an interrupted run can be continued.
+
+Methods, for both protocols (``style``: train on Twemoji, test on Noto; ``concept``: train on
+``split=train``, test on emoji never seen) and both directions:
+
+* ``a``   PCA of pixels + TF-IDF/SVD of captions, aligned by CCA (numpy; scored with the
+          runtime's metric code, but no bundle: TF-IDF has no ONNX graph);
+* ``b``   stage-1 autoencoder features (image AE, text masked-token model) aligned by CCA;
+* ``c``   the contrastive dual encoder trained from scratch (the recipe, stage 1 off);
+* ``d``   autoencoder-pretrained towers + contrastive (the recipe, stage 1 on);
+* ``e``   ``d`` + the adversarial modality discriminator;
+* ``f``   the default recipe with PCA to 128, 64 and 32 dimensions (recall against index bytes);
+* ``c10/d10/e10``: only 10 % of the training pairs used as pairs, all training images and
+  texts (captions and alternative texts) given unpaired to stage 1 and the discriminator;
+  several seeds, mean and spread.
+
+Every method but ``a`` is trained, exported to an int8 and an fp32 bundle, and evaluated
+through the runtime encoders (``mmedge.runtime.encoders``) with exact cosine ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import numpy as np  # noqa: E402
+
+import quality_data as qd  # noqa: E402
+
+DIRS = ("text_to_image", "image_to_text")
+KEEP = ("R@1", "R@5", "R@10", "median_rank", "mean_rank", "n_queries")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _short(m: dict[str, Any]) -> dict[str, Any]:
+    return {d: {k: m[d][k] for k in KEEP if k in m[d]} for d in DIRS}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def recipe_config(seed: int = 0, threads: int | None = None, quick: bool = False):
+    """The default recipe (``TrainConfig()``), with the benchmark's seed and threads."""
+    from mmedge.train.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.seed = seed
+    cfg.threads = threads
+    if quick:
+        cfg.stage1.image_epochs = 1
+        cfg.stage1.text_epochs = 1
+        cfg.stage2.epochs = 2
+    return cfg
+
+
+def method_config(method: str, seed: int, threads: int | None, quick: bool, paired_fraction: float = 1.0):
+    cfg = recipe_config(seed, threads, quick)
+    if method == "b":
+        cfg.stage1.enabled = True
+        cfg.stage2.method = "cca"
+        cfg.stage2.embed_dim = min(cfg.stage2.embed_dim, cfg.image.feature_dim, cfg.text.width)
+        cfg.stage2.adversarial = False
+    elif method == "c":
+        cfg.stage1.enabled = False
+        cfg.stage2.adversarial = False
+    elif method == "d":
+        cfg.stage1.enabled = True
+        cfg.stage2.adversarial = False
+    elif method == "e":
+        cfg.stage1.enabled = True
+        cfg.stage2.adversarial = True
+    else:
+        raise ValueError(method)
+    if paired_fraction < 1.0:
+        # fewer pairs: the same number of optimiser steps is spread over more epochs
+        cfg.stage2.epochs = max(1, round(cfg.stage2.epochs * LOW_PAIR_EPOCH_FACTOR))
+    cfg.pca_dim = None
+    return cfg
+
+
+LOW_PAIR_EPOCH_FACTOR = 3.0
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "platform": platform.platform()}
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def eval_bundle(bundle: Path, spec: qd.EvalSpec, threads: int | None) -> dict[str, Any]:
+    """Embed the test galleries with the runtime encoders of ``bundle``; exact ranking."""
+    from mmedge.runtime.bundle import Bundle
+    from mmedge.runtime.encoders import ImageEncoder, TextEncoder
+
+    b = Bundle.load(bundle)
+    t = time.perf_counter()
+    img = ImageEncoder(b, threads=threads).encode(spec.images)
+    txt = TextEncoder(b, threads=threads).encode(spec.texts)
+    out = _short(qd.metrics(img, txt, spec))
+    out["encode_s"] = round(time.perf_counter() - t, 1)
+    out["dim"] = int(b.dim)
+    out["bundle_bytes"] = _dir_bytes(bundle)
+    return out
+
+
+def index_bytes(bundle: Path, spec: qd.EvalSpec, out: Path, threads: int | None) -> int:
+    """Size on disk of an mmedge index of the test images (HNSW graph + item store)."""
+    from mmedge.runtime.bundle import Bundle
+    from mmedge.runtime.encoders import ImageEncoder
+    from mmedge.runtime.index import Index, Item
+
+    b = Bundle.load(bundle)
+    vecs = ImageEncoder(b, threads=threads).encode(spec.images)
+    if out.exists():
+        shutil.rmtree(out)
+    idx = Index.create(out, dim=b.dim, fingerprint=b.fingerprint)
+    idx.add([Item(key=str(i), modality="image", path=str(p)) for i, p in enumerate(spec.images)], vecs)
+    idx.save()
+    idx.close()
+    return _dir_bytes(out)
+
+
+@dataclass
+class Ctx:
+    work: Path
+    threads: int | None
+    quick: bool
+    csvs: dict[str, Path]
+    cache: Path
+    log: Any
+    root: Path = qd.DEFAULT_ROOT
+
+    def say(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+
+def _cached(ctx: Ctx, key: dict[str, Any], fn: Any) -> dict[str, Any]:
+    path = ctx.cache / f"{_digest(key)}.json"
+    if path.exists():
+        row = json.loads(path.read_text())
+        row["cached"] = True
+        return row
+    row = fn()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, path)
+    return row
+
+
+def run_a(ctx: Ctx, protocol: str, train, spec: qd.EvalSpec) -> dict[str, Any]:
+    """Method (a): PCA of pixels + TF-IDF/SVD of text, CCA. Bypasses the runtime encoders."""
+    from quality_baselines import PixelTextCCA
+
+    from mmedge.runtime.preprocess import PreprocessConfig
+    from mmedge.train.pipeline import load_images_uint8
+
+    def go() -> dict[str, Any]:
+        raw = PreprocessConfig(size=(64, 64), resize_filter="bicubic", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        t = time.perf_counter()
+        px = load_images_uint8([p.image for p in train.pairs], raw)
+        model = PixelTextCCA.fit(px, [p.caption for p in train.pairs], **A_PARAMS)
+        train_s = time.perf_counter() - t
+        img = model.embed_images(load_images_uint8(spec.images, raw))
+        txt = model.embed_texts(spec.texts)
+        m = _short(qd.metrics(img, txt, spec))
+        m["dim"] = int(img.shape[1])
+        return {"protocol": protocol, "method": "a", "regime": "full", "seed": 0, "runtime": False,
+                "numpy": m, "train_s": round(train_s, 1), "params": None}
+
+    return _cached(ctx, {"a": protocol, "params": A_PARAMS, "quick": ctx.quick,
+                         "csv": _file_digest(ctx.csvs[f"{protocol}_train"])}, go)
+
+
+A_PARAMS = {"pca_dim": 256, "svd_dim": 256, "cca_dim": 128, "reg": 1e-2, "power": 1.0}
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def train_export_eval(ctx: Ctx, name: str, protocol: str, method: str, regime: str, seed: int, cfg,
+                      train, spec: qd.EvalSpec, *, unpaired_images=None, unpaired_texts=None,
+                      stage1_from: Path | None = None, extra_key: Any = None,
+                      reuse_from: Path | None = None) -> dict[str, Any]:
+    from mmedge.export.bundle import export
+    from mmedge.train.pipeline import train as run_train
+
+    run = ctx.work / "runs" / name
+    key = {"name": name, "cfg": cfg.to_dict(), "regime": regime, "extra": extra_key, "quick": ctx.quick,
+           "csv": _file_digest(ctx.csvs[f"{protocol}_train"]), "n_train": len(train.pairs),
+           "stage1_from": str(stage1_from) if stage1_from else None}
+
+    def go() -> dict[str, Any]:
+        if reuse_from is not None and not run.exists():
+            shutil.copytree(reuse_from, run)  # finished stages are reused, only PCA is fitted
+        ctx.say(f"train {name}")
+        t = time.perf_counter()
+        res = run_train(train, run, copy.deepcopy(cfg), unpaired_images=unpaired_images,
+                        unpaired_texts=unpaired_texts, stage1_from=stage1_from)
+        wall = time.perf_counter() - t
+        tm = res.metrics["timings"]
+        row = {"name": name, "protocol": protocol, "method": method, "regime": regime, "seed": seed,
+               "runtime": True, "n_pairs": len(train.pairs),
+               "train_s": round(tm.get("stage1_s", 0.0) + tm.get("stage2_s", 0.0), 1),
+               "train_wall_s": round(wall, 1), "timings": tm, "params": res.metrics["params"],
+               "config": cfg.to_dict()}
+        for q in ("int8", "fp32"):
+            b = ctx.work / "bundles" / f"{name}-{q}"
+            t = time.perf_counter()
+            export(run, b, quantize=q, overwrite=True)
+            row[f"export_{q}_s"] = round(time.perf_counter() - t, 1)
+            row[q] = eval_bundle(b, spec, ctx.threads)
+            ctx.say(f"  {name} {q}: t2i R@10 {row[q]['text_to_image']['R@10']:.3f}, "
+                    f"i2t R@10 {row[q]['image_to_text']['R@10']:.3f}")
+        return row
+
+    return _cached(ctx, key, go)
+
+
+def subset(train, fraction: float, seed: int):
+    """A random ``fraction`` of the training pairs (at least 2), and the rest: their images
+    and texts (captions and alternative texts) as unpaired data."""
+    from mmedge.data import LoadResult
+
+    rng = np.random.default_rng([seed, 10])
+    n = len(train.pairs)
+    k = max(2, int(round(n * fraction)))
+    keep = set(rng.choice(n, k, replace=False).tolist())
+    paired = [p for i, p in enumerate(train.pairs) if i in keep]
+    rest = [p for i, p in enumerate(train.pairs) if i not in keep]
+    paired_images = {str(q.image) for q in paired}
+    images = list(dict.fromkeys(str(p.image) for p in rest if str(p.image) not in paired_images))
+    texts: list[str] = []
+    for p in rest:
+        texts.append(p.caption)
+        texts += [t for t in p.extra.get("alt_captions", "").split("|") if t]
+    return LoadResult(paired, [], train.source), images, list(dict.fromkeys(texts))
+
+
+def run_protocol(ctx: Ctx, protocol: str, seeds: list[int], fraction: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    train = qd.load(ctx.csvs[f"{protocol}_train"])
+    spec = qd.eval_spec(qd.load(ctx.csvs[f"{protocol}_test"]), ctx.root)
+    th, qk = ctx.threads, ctx.quick
+
+    ctx.say(f"{protocol}: (a) pixels PCA + TF-IDF/SVD + CCA")
+    rows.append(run_a(ctx, protocol, train, spec))
+
+    # (b): stage 1 on every training image and text, then CCA; its stage-1 towers are shared
+    # with (d) and (e) in both regimes (stage 1 never sees the pairing)
+    rb = train_export_eval(ctx, f"{protocol}-b", protocol, "b", "full", 0, method_config("b", 0, th, qk), train, spec)
+    rows.append(rb)
+    s1_run = ctx.work / "runs" / f"{protocol}-b"
+    s1_s = rb["timings"].get("stage1_s", 0.0)
+
+    for m in ("c", "d", "e"):
+        cfg = method_config(m, 0, th, qk)
+        r = train_export_eval(ctx, f"{protocol}-{m}", protocol, m, "full", 0, cfg, train, spec,
+                              stage1_from=s1_run if m != "c" else None)
+        if m != "c":
+            r["stage1_s_shared"] = round(s1_s, 1)
+            r["train_s"] = round(r["train_s"] + s1_s, 1)
+        rows.append(r)
+
+    # (f): the default recipe with PCA; all stages reused, only the PCA is fitted
+    best = DEFAULT_METHOD
+    for k in PCA_DIMS:
+        cfg = method_config(best, 0, th, qk)
+        cfg.pca_dim = k
+        r = train_export_eval(ctx, f"{protocol}-{best}-pca{k}", protocol, f"f{k}", "full", 0, cfg, train, spec,
+                              stage1_from=s1_run if best != "c" else None,
+                              reuse_from=ctx.work / "runs" / f"{protocol}-{best}")
+        rows.append(r)
+    for r in rows:
+        if r.get("runtime") and r["regime"] == "full" and "index_bytes" not in r and r["method"] in (best, "f128", "f64", "f32"):
+            r["index_bytes"] = index_bytes(ctx.work / "bundles" / f"{r['name']}-int8", spec,
+                                           ctx.work / "indexes" / r["name"], th)
+
+    # the low-pair regime
+    for seed in seeds:
+        paired, u_img, u_txt = subset(train, fraction, seed)
+        for m in ("c", "d", "e"):
+            cfg = method_config(m, seed, th, qk, paired_fraction=fraction)
+            r = train_export_eval(ctx, f"{protocol}-{m}10-s{seed}", protocol, m, f"{int(fraction * 100)}%", seed,
+                                  cfg, paired, spec, unpaired_images=u_img, unpaired_texts=u_txt,
+                                  stage1_from=s1_run if m != "c" else None, extra_key=[fraction, seed])
+            if m != "c":
+                r["stage1_s_shared"] = round(s1_s, 1)
+            rows.append(r)
+    return rows
+
+
+DEFAULT_METHOD = "c"
+PCA_DIMS = (128, 64, 32)
+
+
+# ----------------------------------------------------------------------------- report
+
+LABELS = {
+    "a": "(a) pixels PCA + TF-IDF/SVD, CCA",
+    "b": "(b) autoencoder features, CCA",
+    "c": "(c) contrastive from scratch",
+    "d": "(d) autoencoders + contrastive",
+    "e": "(e) (d) + adversarial",
+}
+
+
+def _label(r: dict[str, Any]) -> str:
+    m = r["method"]
+    if m.startswith("f"):
+        return f"(f) {LABELS[DEFAULT_METHOD][4:]}, PCA {m[1:]}"
+    return LABELS[m]
+
+
+def _metrics_of(r: dict[str, Any], q: str) -> dict[str, Any] | None:
+    return r.get(q) if r.get("runtime") else (r.get("numpy") if q == "int8" else None)
+
+
+def aggregate_low(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread (sample standard deviation) over seeds of the low-pair rows, and the
+    (d) - (c) difference of R@10 averaged over protocols and directions."""
+    out: dict[str, Any] = {}
+    low = [r for r in rows if r["regime"] != "full"]
+    for p in sorted({r["protocol"] for r in low}):
+        for m in ("c", "d", "e"):
+            rs = [r for r in low if r["protocol"] == p and r["method"] == m]
+            if not rs:
+                continue
+            agg: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "train_s": statistics.mean(r["train_s"] for r in rs)}
+            for q in ("int8", "fp32"):
+                for d in DIRS:
+                    for k in ("R@1", "R@5", "R@10", "median_rank"):
+                        v = [r[q][d][k] for r in rs]
+                        agg[f"{q}.{d}.{k}"] = {"mean": statistics.mean(v),
+                                               "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+            out[f"{p}/{m}"] = agg
+    diffs = {}
+    for q in ("int8", "fp32"):
+        for a, b in (("d", "c"), ("e", "c"), ("e", "d")):
+            vals = []
+            for p in sorted({r["protocol"] for r in low}):
+                if f"{p}/{a}" in out and f"{p}/{b}" in out:
+                    for d in DIRS:
+                        vals.append(out[f"{p}/{a}"][f"{q}.{d}.R@10"]["mean"] - out[f"{p}/{b}"][f"{q}.{d}.R@10"]["mean"])
+            if vals:
+                diffs[f"{q}: {a} - {b}"] = statistics.mean(vals)
+    out["mean_R@10_difference"] = diffs
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def write_markdown(res: dict[str, Any], path: Path) -> None:
+    rows = res["rows"]
+    L: list[str] = []
+    L.append("# Quality: does unsupervised representation learning help cross-modal retrieval?")
+    L.append("")
+    L.append(f"Generated by `{res['command']}` on {res['finished']} "
+             f"({res['wall_minutes']:.0f} min wall). Machine: {res['machine']['cpu']}, "
+             f"{res['machine']['cores']} cores, shared with other jobs (load average at start "
+             f"{res['load_avg_start']}, at end {res['load_avg_end']}); torch {res['machine']['torch']} "
+             f"with {res['threads']} threads, onnxruntime {res['machine']['onnxruntime']}.")
+    L.append("")
+    L.append("Data: `../shared/data/emoji` read through `mmedge.data.load_pairs`; positives as its "
+             "README defines them (every image of the caption's emoji; byte-identical images of one "
+             "vendor count as the same picture). **style** = unseen-style (train Twemoji, test "
+             "Noto: 3786 captions x 3786 images); **concept** = unseen-concept (train `split=train`, "
+             "test 743 captions x 1486 images of emoji never seen). R@K and median rank from "
+             "exact cosine ranking of the runtime encoders' embeddings (`int8` bundle; `fp32` "
+             "beside it). Train time = stage 1 + stage 2 on this machine (stage 1 of (d)/(e) is the "
+             "one shared with (b), counted in each).")
+    L.append("")
+    if res.get("quick"):
+        L.append("**Quick smoke run** (few epochs, data subset): the figures say nothing about quality.")
+        L.append("")
+    for regime in ("full",):
+        L.append("## All training pairs")
+        L.append("")
+        L.append("| protocol | method | bundle | t2i R@1 | R@5 | R@10 | med. rank | i2t R@1 | R@5 | R@10 | med. rank | train min | dim |")
+        L.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            if r["regime"] != regime:
+                continue
+            for q in ("int8", "fp32"):
+                m = _metrics_of(r, q)
+                if m is None:
+                    continue
+                t, i = m["text_to_image"], m["image_to_text"]
+                bundle = q if r.get("runtime") else "numpy (no runtime)"
+                L.append(f"| {r['protocol']} | {_label(r)} | {bundle} | {_fmt(t['R@1'])} | {_fmt(t['R@5'])} | "
+                         f"**{_fmt(t['R@10'])}** | {t['median_rank']:.0f} | {_fmt(i['R@1'])} | {_fmt(i['R@5'])} | "
+                         f"**{_fmt(i['R@10'])}** | {i['median_rank']:.0f} | {r['train_s'] / 60:.1f} | {m['dim']} |")
+        L.append("")
+    fr = [r for r in rows if r["regime"] == "full" and r.get("index_bytes")]
+    if fr:
+        L.append("## Recall against index size (default recipe, int8 bundle, index of the test images)")
+        L.append("")
+        L.append("| protocol | dim | index bytes | bytes/image | t2i R@10 | i2t R@10 | bundle bytes |")
+        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in sorted(fr, key=lambda r: (r["protocol"], -r["int8"]["dim"])):
+            n = r["int8"]["image_to_text"]["n_queries"]
+            L.append(f"| {r['protocol']} | {r['int8']['dim']} | {r['index_bytes']:,} | {r['index_bytes'] / n:,.0f} | "
+                     f"{_fmt(r['int8']['text_to_image']['R@10'])} | {_fmt(r['int8']['image_to_text']['R@10'])} | "
+                     f"{r['int8']['bundle_bytes']:,} |")
+        L.append("")
+    low = res.get("low_pairs")
+    if low:
+        L.append(f"## {res['fraction'] * 100:.0f} % of the pairs as pairs, everything else unpaired "
+                 f"(seeds {', '.join(map(str, res['seeds']))}; mean ± sample std)")
+        L.append("")
+        L.append("| protocol | method | bundle | t2i R@1 | t2i R@10 | t2i med. rank | i2t R@1 | i2t R@10 | i2t med. rank | train min |")
+        L.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for key, agg in low.items():
+            if "/" not in key:
+                continue
+            p, m = key.split("/")
+            for q in ("int8", "fp32"):
+                def c(d: str, k: str) -> str:
+                    v = agg[f"{q}.{d}.{k}"]
+                    return f"{v['mean']:.3f} ± {v['std']:.3f}" if k != "median_rank" else f"{v['mean']:.1f} ± {v['std']:.1f}"
+                L.append(f"| {p} | {LABELS[m]} | {q} | {c('text_to_image', 'R@1')} | **{c('text_to_image', 'R@10')}** | "
+                         f"{c('text_to_image', 'median_rank')} | {c('image_to_text', 'R@1')} | "
+                         f"**{c('image_to_text', 'R@10')}** | {c('image_to_text', 'median_rank')} | "
+                         f"{agg['train_s'] / 60:.1f} |")
+        L.append("")
+        L.append("R@10 differences averaged over both protocols and both directions: " + "; ".join(
+            f"{k}: {v:+.3f}" for k, v in low["mean_R@10_difference"].items()) + ".")
+        L.append("")
+    if res.get("targets"):
+        L.append("## Targets (default recipe, int8 bundle)")
+        L.append("")
+        for t in res["targets"]:
+            L.append(f"- {t['what']}: {t['value']:.3f} (target {t['target']}) — **{'met' if t['met'] else 'not met'}**")
+        L.append("")
+    if res.get("notes"):
+        L.append("## Notes")
+        L.append("")
+        L.extend(res["notes"])
+        L.append("")
+    L.append("![ablation chart](quality.png)")
+    L.append("")
+    path.write_text("\n".join(L))
+
+
+def write_chart(res: dict[str, Any], path: Path) -> bool:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    rows = res["rows"]
+    groups = [(p, d) for p in ("style", "concept") for d in DIRS if any(r["protocol"] == p for r in rows)]
+    gl = [f"{p}\n{'text→image' if d == 'text_to_image' else 'image→text'}" for p, d in groups]
+    colours = {"a": "#9e9e9e", "b": "#8c564b", "c": "#1f77b4", "d": "#2ca02c", "e": "#d62728"}
+    fig = Figure(figsize=(15, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
+    methods = ["a", "b", "c", "d", "e"]
+    w = 0.16
+    for j, m in enumerate(methods):
+        vals = []
+        for p, d in groups:
+            r = next((r for r in rows if r["protocol"] == p and r["method"] == m and r["regime"] == "full"), None)
+            mm = _metrics_of(r, "int8") if r else None
+            vals.append(mm[d]["R@10"] if mm else 0.0)
+        xs = [i + (j - 2) * w for i in range(len(groups))]
+        ax1.bar(xs, vals, w, color=colours[m], label=LABELS[m])
+    ax1.set_xticks(range(len(groups)), gl, fontsize=8)
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("R@10 (int8 bundle; (a) numpy)")
+    ax1.set_title("All pairs", fontsize=10)
+    ax1.legend(fontsize=7, loc="upper left")
+    low = res.get("low_pairs") or {}
+    for j, m in enumerate(("c", "d", "e")):
+        means, stds = [], []
+        for p, d in groups:
+            agg = low.get(f"{p}/{m}")
+            means.append(agg[f"int8.{d}.R@10"]["mean"] if agg else 0.0)
+            stds.append(agg[f"int8.{d}.R@10"]["std"] if agg else 0.0)
+        xs = [i + (j - 1) * 0.25 for i in range(len(groups))]
+        ax2.bar(xs, means, 0.25, yerr=stds, capsize=3, color=colours[m], label=LABELS[m])
+    ax2.set_xticks(range(len(groups)), gl, fontsize=8)
+    ax2.set_ylim(0, 1)
+    ax2.set_title(f"{res.get('fraction', 0.1) * 100:.0f} % of pairs, rest unpaired (mean ± std over seeds)", fontsize=10)
+    ax2.legend(fontsize=7, loc="upper left")
+    for p, d in groups:
+        pts = sorted((r["index_bytes"] / r["int8"]["image_to_text"]["n_queries"], r["int8"][d]["R@10"])
+                     for r in rows if r["protocol"] == p and r.get("index_bytes"))
+        if pts:
+            ax3.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
+                     label=f"{p} {'t→i' if d == 'text_to_image' else 'i→t'}")
+    ax3.set_xscale("log")
+    ax3.set_xlabel("index bytes per image (HNSW + item store)")
+    ax3.set_ylabel("R@10")
+    ax3.set_ylim(0, 1)
+    ax3.set_title("(f) default recipe + PCA: recall against index size", fontsize=10)
+    ax3.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return True
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for p, d, thr in (("style", "text_to_image", 0.75), ("style", "image_to_text", 0.75),
+                      ("concept", "text_to_image", 0.70)):
+        r = next((r for r in rows if r["protocol"] == p and r["method"] == DEFAULT_METHOD and r["regime"] == "full"), None)
+        if r is None:
+            continue
+        v = r["int8"][d]["R@10"]
+        out.append({"what": f"{p} {d} R@10", "value": v, "target": thr, "met": v >= thr})
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="where quality.{md,json,png} go")
+    ap.add_argument("--data", type=Path, default=qd.DEFAULT_ROOT, help="the emoji dataset folder")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mmedge-quality"), help="runs, bundles, cache")
+    ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the low-pair regime")
+    ap.add_argument("--fraction", type=float, default=0.1, help="fraction of pairs used as pairs")
+    ap.add_argument("--protocols", default="style,concept")
+    ap.add_argument("--quick", action="store_true", help="smoke run: data subset, 1-2 epochs")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    start_load = load_avg()
+    work = args.work / ("quick" if args.quick else "full")
+    (work / "cache").mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    csvs = qd.write_protocol_csvs(work / "data", args.data, max_rows=300 if args.quick else None)
+    log = (work / "log.txt").open("a")
+    ctx = Ctx(work, args.threads, args.quick, csvs, work / "cache", log, args.data)
+    seeds = list(range(1 if args.quick else args.seeds))
+    rows: list[dict[str, Any]] = []
+    for p in args.protocols.split(","):
+        rows += run_protocol(ctx, p, seeds, args.fraction)
+    res: dict[str, Any] = {
+        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_minutes": (time.perf_counter() - t0) / 60,
+        "machine": machine_info(), "threads": args.threads,
+        "load_avg_start": start_load, "load_avg_end": load_avg(),
+        "quick": args.quick, "seeds": seeds, "fraction": args.fraction,
+        "default_method": DEFAULT_METHOD,
+        "git": _git_rev(),
+        "rows": rows,
+    }
+    res["low_pairs"] = aggregate_low(rows)
+    res["targets"] = targets(rows)
+    res["notes"] = NOTES
+    (args.out / "quality.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, args.out / "quality.md")
+    write_chart(res, args.out / "quality.png")
+    ctx.say(f"done in {res['wall_minutes']:.1f} min: {args.out / 'quality.md'}")
+    return 0
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+NOTES: list[str] = []
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""Training features behind the quality recipe (multi-positive and hard-negative InfoNCE,
+colour-keeping augmentation, alternative texts, unpaired data, stage 1 from another run, CCA
+alignment, the patch/residual image tower), ``mmedge viz`` on the tiny fixtures, and a small
+slice of the emoji data read through the project's CSV loader (skipped when the dataset
+folder is absent)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mmedge.data import LoadResult, Pair, load_pairs  # noqa: E402
+from mmedge.errors import TrainError  # noqa: E402
+from mmedge.export.bundle import export  # noqa: E402
+from mmedge.runtime.preprocess import PreprocessConfig  # noqa: E402
+from mmedge.train.config import Stage2Config, TrainConfig, synthetic_recipe  # noqa: E402
+from mmedge.train.pipeline import augment_images, contrastive_loss, fit_cca, load_run, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EMOJI = ROOT.parent / "shared" / "data" / "emoji"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_synthetic_recipe_keeps_the_original_training():
+    """The demo's recipe must not pick up the general defaults' new features."""
+    cfg = synthetic_recipe()
+    assert (cfg.image.arch, cfg.image.width, cfg.image.feature_dim) == ("conv4", 16, 256)
+    s2 = cfg.stage2
+    assert (s2.epochs, s2.batch_size, s2.lr, s2.embed_dim, s2.method) == (8, 256, 2e-3, 128, "contrastive")
+    assert not (s2.multi_positive or s2.alt_prob or s2.text_drop or s2.hard_negative_beta or s2.adversarial)
+    assert not (s2.aug_scale or s2.aug_translate or s2.aug_rotate or s2.aug_blur)
+    assert cfg.stage1.enabled and cfg.pca_dim is None
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_contrastive_loss_general_path_matches_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    ie, te = _unit(torch.randn(6, 8, generator=g)), _unit(torch.randn(6, 8, generator=g))
+    scale = torch.tensor(10.0)
+    plain = contrastive_loss(ie, te, scale, None, 0.0)
+    general = contrastive_loss(ie, te, scale, torch.arange(6), 0.0)
+    assert torch.allclose(plain, general, atol=1e-6)
+
+
+def test_multi_positive_counts_images_of_one_caption_as_positives():
+    g = torch.Generator().manual_seed(1)
+    ie, te = _unit(torch.randn(5, 8, generator=g)), _unit(torch.randn(5, 8, generator=g))
+    ie[1], te[1] = ie[0], te[0]  # two pairs of the same concept
+    scale = torch.tensor(20.0)
+    single = contrastive_loss(ie, te, scale, torch.arange(5), 0.0)
+    multi = contrastive_loss(ie, te, scale, torch.tensor([0, 0, 1, 2, 3]), 0.0)
+    assert multi < single  # the twin is no longer pushed away as a negative
+
+
+def test_hard_negatives_weigh_close_negatives_more_and_keep_gradients():
+    g = torch.Generator().manual_seed(2)
+    ie = _unit(torch.randn(8, 8, generator=g)).requires_grad_()
+    te = _unit(torch.randn(8, 8, generator=g))
+    scale = torch.tensor(10.0)
+    plain = contrastive_loss(ie, te, scale, None, 0.0)
+    hard = contrastive_loss(ie, te, scale, None, 2.0)
+    assert torch.isfinite(hard) and not torch.allclose(plain, hard)
+    hard.backward()
+    assert ie.grad is not None and torch.isfinite(ie.grad).all() and ie.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_moves_pixels_but_never_changes_colours():
+    """A red square on white: after zoom, shift, rotation and blur every pixel is still a
+    mix of red and white (red channel 1, green = blue), the background stays white."""
+    u8 = np.full((4, 32, 32, 3), 255, np.uint8)
+    u8[:, 10:22, 10:22] = (255, 0, 0)
+    pcfg = PreprocessConfig(size=(32, 32), resize_filter="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    x = torch.from_numpy(pcfg.normalize(u8))
+    s2 = Stage2Config(aug_scale=0.2, aug_translate=0.1, aug_rotate=20.0, aug_blur=1.0)
+    from mmedge.train.pipeline import _white
+
+    y = augment_images(x, s2, _white(pcfg), torch.Generator().manual_seed(0))
+    mean = torch.tensor(pcfg.mean)[None, :, None, None]
+    std = torch.tensor(pcfg.std)[None, :, None, None]
+    rgb = y * std + mean
+    assert not torch.allclose(y, x)
+    assert torch.allclose(rgb[:, 0], torch.ones_like(rgb[:, 0]), atol=1e-5)
+    assert torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
+    assert torch.allclose(rgb[:, :, 0, 0], torch.ones(4, 3), atol=1e-5)  # corners stay white
+    off = Stage2Config()
+    assert torch.equal(augment_images(x, off, _white(pcfg), torch.Generator()), x)
+
+
+# ----------------------------------------------------------------------------- CCA
+
+
+def test_fit_cca_finds_the_shared_signal():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((500, 3))
+    x = z @ rng.standard_normal((3, 10)) + 0.05 * rng.standard_normal((500, 10))
+    y = z @ rng.standard_normal((3, 7)) + 0.05 * rng.standard_normal((500, 7))
+    mx, a, my, b, corr = fit_cca(x, y, 3, reg=1e-6, power=0.0)
+    assert corr.shape == (3,) and corr.min() > 0.95
+    u, v = (x - mx) @ a, (y - my) @ b
+    for j in range(3):
+        assert np.corrcoef(u[:, j], v[:, j])[0, 1] > 0.95
+
+
+# ----------------------------------------------------------------------------- training features
+
+
+def _with_alts(pairs: LoadResult) -> LoadResult:
+    out = []
+    for p in pairs.pairs:
+        words = p.caption.split()
+        alt = " ".join(reversed(words)) + "|" + "shape picture"
+        out.append(Pair(p.image, p.caption, p.key, {**p.extra, "alt_captions": alt}))
+    return LoadResult(out, [], pairs.source)
+
+
+def test_unpaired_data_and_alternative_texts_are_used(tmp_path, synthetic_data, make_tiny_config, trained_run):
+    pairs = _with_alts(load_pairs(synthetic_data["train"]))
+    extra_images = [p.image for p in load_pairs(synthetic_data["val"]).pairs[:12]]
+    extra_texts = ["kumquat kumquat kumquat in a jar"] * 4
+    cfg = make_tiny_config(epochs=1, multi_positive=True, alt_prob=0.5, text_drop=0.1, hard_negative_beta=0.5,
+                           aug_scale=0.1, aug_translate=0.05, aug_rotate=5.0, aug_blur=0.2, adversarial=True)
+    res = train(pairs, tmp_path / "run", cfg, unpaired_images=extra_images, unpaired_texts=extra_texts)
+    assert res.metrics["n_unpaired"] == {"images": 12, "texts": 4}
+    assert res.metrics["n_alt_texts"] == 2 * len(pairs.pairs)
+    vocab = json.loads((tmp_path / "run" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert "kumquat" in vocab  # the tokenizer saw the unpaired texts
+    # the same stage-1 settings without the unpaired images (the shared tiny run): other towers
+    w1 = torch.load(tmp_path / "run" / "stage1" / "image.pt", weights_only=True)["modules"]["tower"]
+    w2 = torch.load(trained_run.run_dir / "stage1" / "image.pt", weights_only=True)["modules"]["tower"]
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert trained_run.metrics["n_unpaired"] == {"images": 0, "texts": 0}
+
+
+def test_stage1_from_another_run_reuses_its_towers_and_tokenizer(tmp_path, trained_run, synthetic_data,
+                                                                 make_tiny_config):
+    src = trained_run.run_dir
+    calls: list[str] = []
+    res = train(synthetic_data["train"], tmp_path / "run", make_tiny_config(epochs=1), stage1_from=src,
+                on_progress=lambda stage, *a: calls.append(stage))
+    assert not any(c.startswith("stage1") for c in calls) and "stage2" in calls
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    assert (json.loads((tmp_path / "run" / "preprocess.json").read_text())
+            == json.loads((src / "preprocess.json").read_text()))
+    assert res.metrics["timings"]["stage2_s"] > 0
+    other = make_tiny_config()
+    other.image.width = 8
+    with pytest.raises(TrainError, match="image tower settings differ"):
+        train(synthetic_data["train"], tmp_path / "bad", other, stage1_from=src)
+    with pytest.raises(TrainError, match="no finished stage 1"):
+        train(synthetic_data["train"], tmp_path / "bad2", make_tiny_config(), stage1_from=tmp_path / "nothing")
+
+
+def test_cca_alignment_exports_and_aligns_pairs(tmp_path, trained_run, synthetic_data, make_tiny_config):
+    cfg = make_tiny_config(method="cca", embed_dim=16)
+    cfg.pca_dim = None
+    train(synthetic_data["train"], tmp_path / "run", cfg, stage1_from=trained_run.run_dir)
+    assert not (tmp_path / "run" / "stage2").exists()  # nothing trained in stage 2
+    res = export(tmp_path / "run", tmp_path / "bundle", quantize="fp32")
+    assert res.manifest["embedding"]["dim"] == 16
+    model, _, pcfg, _ = load_run(tmp_path / "run")
+    from mmedge.runtime.tokenizer import TextTokenizer
+    from mmedge.train.pipeline import embed_all, prepare
+
+    tok = TextTokenizer(tmp_path / "run" / "tokenizer.json", max_length=cfg.text.max_length, pad_id=0)
+    t = prepare(load_pairs(synthetic_data["train"]), tok, pcfg)
+    img, txt = embed_all(model, t, pcfg)
+    paired = float((img * txt).sum(1).mean())
+    shuffled = float((img * np.roll(txt, 7, axis=0)).sum(1).mean())
+    assert paired > shuffled + 0.1
+
+
+def test_patch_residual_tower_trains_and_exports_to_int8(tmp_path, synthetic_data, make_tiny_config):
+    cfg = make_tiny_config(epochs=1)
+    cfg.image.arch, cfg.image.width, cfg.image.blocks, cfg.image.pool = "patchres", 8, 1, "both"
+    train(synthetic_data["train"], tmp_path / "run", cfg)
+    res = export(tmp_path / "run", tmp_path / "bundle", quantize="int8")  # raises if parity is off
+    assert res.manifest["quantization"]["image"] == "int8-qdq-static"
+    assert res.manifest["model_config"]["image"]["arch"] == "patchres"
+
+
+# ----------------------------------------------------------------------------- viz
+
+
+def _run_main(capsys, *args) -> tuple[int, str, str]:
+    from mmedge.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _grouped_csv(src: Path, dst: Path) -> Path:
+    """The synthetic test CSV with a ``group`` column (the first word of the caption's shape)."""
+    pairs = load_pairs(src).pairs
+    with dst.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption", "group"])
+        for p in pairs:
+            w.writerow([str(p.image), p.caption, p.caption.split()[-1]])
+    return dst
+
+
+def test_viz_draws_a_png_map(tmp_path, capsys, fp32_bundle, synthetic_data):
+    pytest.importorskip("matplotlib")
+    data = _grouped_csv(synthetic_data["test"], tmp_path / "test.csv")
+    out = tmp_path / "map.png"
+    code, stdout, err = _run_main(capsys, "viz", fp32_bundle, "--data", data, "--out", out)
+    assert code == 0, err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "modality gap" in stdout and "mean paired cosine" in stdout
+
+
+def test_tsne_projection_keeps_neighbours_apart_from_far_points():
+    pytest.importorskip("sklearn")
+    from mmedge.cli.viz import project_2d
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.01, (10, 6)) + 1.0, rng.normal(0, 0.01, (10, 6)) - 1.0])
+    xy = project_2d(x, "tsne")
+    assert xy.shape == (20, 2)
+    within = np.linalg.norm(xy[:10] - xy[:10].mean(0), axis=1).mean()
+    between = np.linalg.norm(xy[:10].mean(0) - xy[10:].mean(0))
+    assert between > 3 * within
+
+
+def test_viz_without_matplotlib_says_how_to_install_it(tmp_path, capsys, monkeypatch, fp32_bundle, synthetic_data):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = _run_main(capsys, "viz", fp32_bundle, "--data", synthetic_data["test"],
+                             "--out", tmp_path / "map.png")
+    assert code == 1
+    assert "pip install 'mmedge[viz]'" in err
+    assert not (tmp_path / "map.png").exists()
+
+
+def test_viz_rejects_an_unknown_method(tmp_path, capsys, fp32_bundle, synthetic_data):
+    code, _, err = _run_main(capsys, "viz", fp32_bundle, "--data", synthetic_data["test"], "--method", "mds")
+    assert code == 2 and "pca, tsne, umap" in err
+
+
+# ----------------------------------------------------------------------------- emoji slice
+
+
+@pytest.fixture()
+def emoji_slice(tmp_path) -> Path:
+    """A copy of a few emoji of the dataset (both vendors, both splits, a skin-tone family)."""
+    if not (EMOJI / "captions.csv").is_file():
+        pytest.skip(f"emoji dataset not found at {EMOJI}")
+    with (EMOJI / "captions.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    wanted = {"1f600", "1f603", "1f44b", "1f44b-1f3fb", "1f44b-1f3ff", "1f1eb-1f1f7"}
+    tests = [r["emoji_id"] for r in rows if r["split"] == "test"][:2]
+    wanted |= set(tests)
+    keep = [r for r in rows if r["emoji_id"] in wanted]
+    dst = tmp_path / "emoji"
+    for r in keep:
+        (dst / r["filepath"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(EMOJI / r["filepath"], dst / r["filepath"])
+    with (dst / "captions.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(keep)
+    for name in ("emoji.csv", "tags.csv", "names.csv", "identical_images.csv"):
+        shutil.copyfile(EMOJI / name, dst / name)
+    return dst
+
+
+def test_emoji_slice_through_the_csv_loader(tmp_path, emoji_slice, make_tiny_config):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import quality_data as qd
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # the slice as a user's CSV: relative paths, extra columns kept
+    direct = load_pairs(emoji_slice / "captions.csv")
+    assert {p.extra["vendor"] for p in direct.pairs} == {"twitter", "google"}
+    assert all(p.image.is_file() for p in direct.pairs)
+
+    csvs = qd.write_protocol_csvs(tmp_path / "csv", root=emoji_slice)
+    style_train = load_pairs(csvs["style_train"])
+    assert {p.extra["vendor"] for p in style_train.pairs} == {"twitter"}
+    concept_test = load_pairs(csvs["concept_test"])
+    assert concept_test.pairs and {p.extra["split"] for p in concept_test.pairs} == {"test"}
+    wave = next(p for p in style_train.pairs if p.extra["emoji_id"] == "1f44b-1f3fb")
+    alts = wave.extra["alt_captions"].split("|")
+    assert alts and all(a.endswith(": light skin tone") for a in alts)  # tone kept in every alternative
+    # positives: both vendors' images of a test emoji; one caption per image
+    spec = qd.eval_spec(concept_test, root=emoji_slice)
+    assert len(spec.images) == 2 * len(spec.texts)
+    assert all(len(s) == 2 for s in spec.t2i) and all(len(s) == 1 for s in spec.i2t)
+    # a tiny training run reads the alternative texts from the CSV column
+    cfg = make_tiny_config(epochs=1, batch_size=4, alt_prob=0.5, multi_positive=True)
+    cfg.pca_dim = None
+    res = train(style_train, tmp_path / "run", cfg)
+    assert res.metrics["n_alt_texts"] == sum(len(p.extra["alt_captions"].split("|")) for p in style_train.pairs)
