@@ -106,6 +106,9 @@ _HNSW_RE = re.compile(r"^hnsw\.(\d+)\.bin$")
 _STRAY_RE = re.compile(r"^(?:index\.json|items\.sqlite|hnsw\.\d+\.bin)\.tmp(?:-journal)?$")
 _OWN_RE = re.compile(r"^(?:index\.json|items\.sqlite(?:-journal|-wal|-shm)?|hnsw\.\d+\.bin)$")
 _SQL_CHUNK = 500
+# What a damaged item store can raise: SQLite's errors, and UnicodeDecodeError when Python
+# decodes an error message or a text value that is not UTF-8.
+_SQL_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, UnicodeDecodeError)
 _VEC_CHUNK = 8192
 
 # hnswlib HierarchicalNSW::saveIndex header: offsetLevel0, max_elements, cur_element_count,
@@ -387,7 +390,7 @@ def _connect(db: Path, readonly: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(
             uri, uri=True, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
         )
-    except sqlite3.Error as exc:
+    except _SQL_ERRORS as exc:
         raise SearchIndexError(f"cannot open item store {db}: {exc}") from exc
     try:
         if readonly:
@@ -395,7 +398,7 @@ def _connect(db: Path, readonly: bool) -> sqlite3.Connection:
         else:
             conn.execute("PRAGMA journal_mode=DELETE")
             conn.execute("PRAGMA synchronous=FULL")
-    except sqlite3.Error as exc:
+    except _SQL_ERRORS as exc:
         conn.close()
         raise SearchIndexError(f"cannot open item store {db}: {exc}") from exc
     return conn
@@ -410,9 +413,20 @@ _ITEM_COLS = "label, key, modality, path, caption, metadata"
 _Row = tuple[int, str, str, Union[str, None], Union[str, None], str]
 
 
-def _row_to_item(row: _Row) -> Item:
-    return Item(key=row[1], modality=row[2], path=row[3], caption=row[4],
-                metadata=json.loads(row[5]) if row[5] else {})
+def _row_metadata(row: _Row, db: Path) -> dict[str, Any]:
+    if not row[5]:
+        return {}
+    try:
+        meta = json.loads(row[5])
+    except (ValueError, TypeError) as exc:
+        raise SearchIndexError(f"item store {db} is corrupt: the metadata of item {row[1]!r} is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise SearchIndexError(f"item store {db} is corrupt: the metadata of item {row[1]!r} is not a JSON object")
+    return meta
+
+
+def _row_to_item(row: _Row, db: Path) -> Item:
+    return Item(key=row[1], modality=row[2], path=row[3], caption=row[4], metadata=_row_metadata(row, db))
 
 
 # ---------------------------------------------------------------------------------------
@@ -610,7 +624,7 @@ class Index:
             _fsync_dir(folder)
             _atomic_write_text(folder / INDEX_JSON, _index_json_text(
                 dim, fingerprint, params, INITIAL_CAPACITY, 0, 0))
-        except (OSError, RuntimeError, sqlite3.Error) as exc:
+        except (OSError, RuntimeError, *_SQL_ERRORS) as exc:
             raise SearchIndexError(f"cannot create index in {folder}: {exc}") from exc
         logger.info("created index %s (dim %d, fingerprint %s)", folder, dim, fingerprint)
         return cls.open(folder, fingerprint=fingerprint)
@@ -639,7 +653,7 @@ class Index:
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-            except sqlite3.Error:
+            except _SQL_ERRORS:
                 pass
             conn.close()
             raise
@@ -672,7 +686,7 @@ class Index:
                 conn.execute("BEGIN")
             meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
             count = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        except sqlite3.Error as exc:
+        except _SQL_ERRORS as exc:
             hint = ""
             if readonly and (folder / (ITEMS_DB + "-journal")).exists():
                 hint = " (an interrupted write left a journal: open it once without readonly)"
@@ -764,7 +778,7 @@ class Index:
                 # SQLite ignores it, and a (no-op) write makes SQLite itself delete it.
                 try:
                     conn.execute("INSERT OR REPLACE INTO meta(k, v) SELECT k, v FROM meta WHERE k = 'generation'")
-                except sqlite3.Error as exc:
+                except _SQL_ERRORS as exc:
                     logger.debug("index %s: could not clear the stale journal: %s", folder, exc)
             if notes:
                 try:
@@ -774,7 +788,7 @@ class Index:
                     logger.warning("could not rewrite %s: %s", jpath, exc)
         try:
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except _SQL_ERRORS as exc:
             raise SearchIndexError(f"cannot read item store {db}: {exc}") from exc
         logger.debug("opened index %s: generation %d, %d items", folder, generation, count)
         return index
@@ -864,6 +878,8 @@ class Index:
             raise SearchIndexError(
                 f"cannot write {db}: {exc} (is another writer holding the index?)"
             ) from exc
+        except _SQL_ERRORS as exc:
+            raise SearchIndexError(f"cannot write {db}: {exc}") from exc
         try:
             row = conn.execute("SELECT v FROM meta WHERE k = 'generation'").fetchone()
             on_disk = int(row[0]) if row else -1
@@ -882,7 +898,10 @@ class Index:
         """Run one SELECT and fetch all rows; safe from concurrent readers."""
         conn = self._need_conn()
         with self._db_lock:
-            return conn.execute(sql, params).fetchall()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except _SQL_ERRORS as exc:  # e.g. a damaged file: "database disk image is malformed"
+                raise SearchIndexError(f"cannot read item store {self._folder / ITEMS_DB}: {exc}") from exc
 
     def _set_meta(self, key: str, value: object) -> None:
         self._need_conn().execute("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", (key, str(value)))
@@ -1023,7 +1042,7 @@ class Index:
                     marked.append(label)
             except BaseException as exc:
                 self._undo_add(labels, marked)
-                if isinstance(exc, (sqlite3.Error, RuntimeError, MemoryError)):
+                if isinstance(exc, (*_SQL_ERRORS, RuntimeError, MemoryError)):
                     raise SearchIndexError(f"adding {m} items failed: {exc}") from exc
                 raise
             conn.execute("RELEASE mmedge_add")
@@ -1038,7 +1057,7 @@ class Index:
             conn.execute("ROLLBACK TO mmedge_add")
             conn.execute("RELEASE mmedge_add")
             self._set_meta("next_label", self._next_label)
-        except sqlite3.Error as exc:  # pragma: no cover - SQLite failing twice
+        except _SQL_ERRORS as exc:  # pragma: no cover - SQLite failing twice
             logger.error("index %s: rollback of a failed add failed: %s", self._folder, exc)
         for label in marked:
             hnsw.unmark_deleted(label)
@@ -1084,7 +1103,7 @@ class Index:
                 conn.execute("RELEASE mmedge_remove")
                 for label in marked:
                     hnsw.unmark_deleted(label)
-                if isinstance(exc, (sqlite3.Error, RuntimeError)):
+                if isinstance(exc, (*_SQL_ERRORS, RuntimeError)):
                     raise SearchIndexError(f"removing {len(found)} items failed: {exc}") from exc
                 raise
             conn.execute("RELEASE mmedge_remove")
@@ -1099,7 +1118,7 @@ class Index:
         """The item stored under ``key`` (pending changes included), or None."""
         with self._lock.read():
             rows = self._query(f"SELECT {_ITEM_COLS} FROM items WHERE key = ?", (key,))
-            return _row_to_item(rows[0]) if rows else None
+            return _row_to_item(rows[0], self._folder / ITEMS_DB) if rows else None
 
     def keys(self) -> list[str]:
         """All keys, in insertion (label) order."""
@@ -1180,7 +1199,7 @@ class Index:
                     dropped += 1
                     continue
                 hits.append(Hit(key=row[1], score=float(score), modality=row[2], path=row[3],
-                                caption=row[4], metadata=json.loads(row[5]) if row[5] else {}))
+                                caption=row[4], metadata=_row_metadata(row, self._folder / ITEMS_DB)))
             out.append(hits)
         if dropped:
             logger.debug("index %s: dropped %d hits whose items were removed", self._folder, dropped)
@@ -1253,7 +1272,7 @@ class Index:
                 raise SearchIndexError(f"cannot write HNSW file {final}: {exc}") from exc
             try:
                 self._commit_generation(new_gen)
-            except sqlite3.Error as exc:
+            except _SQL_ERRORS as exc:
                 if conn.in_transaction:
                     raise SearchIndexError(
                         f"cannot commit {self._folder / ITEMS_DB}: {exc}; the changes are still "
@@ -1317,7 +1336,7 @@ class Index:
                         logger.warning("index %s closed with %d unsaved changes; discarded",
                                        self._folder, self._pending)
                     conn.execute("ROLLBACK")
-            except sqlite3.Error as exc:
+            except _SQL_ERRORS as exc:
                 logger.warning("index %s: rollback on close failed: %s", self._folder, exc)
             finally:
                 conn.close()
@@ -1329,12 +1348,16 @@ class Index:
     # -- diagnostics --------------------------------------------------------------------
 
     def check(self) -> None:
-        """Verify that every live HNSW label has its SQLite row and the reverse, that stored
-        vectors are unit length and that ``next_label`` is above every label. Raises
+        """Verify SQLite's own structure (``PRAGMA quick_check``), that every live HNSW label has
+        its SQLite row and the reverse, that stored vectors are unit length and that
+        ``next_label`` is above every label. Raises
         :class:`SearchIndexError` describing the first mismatch."""
         with self._lock.read():
             hnsw = self._need_hnsw()
             db = self._folder / ITEMS_DB
+            problems = [r[0] for r in self._query("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise SearchIndexError(f"item store {db} is corrupt: {'; '.join(map(str, problems[:3]))}")
             rows = self._query("SELECT label, key FROM items ORDER BY label")
             in_graph = set(int(x) for x in hnsw.get_ids_list())
             row_labels = set()
