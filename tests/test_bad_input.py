@@ -634,6 +634,19 @@ def test_index_graph_link_that_would_crash_hnswlib(capsys, env, tmp_path):
     assert state(folder) == before
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_index_item_store_damaged(capsys, env, tmp_path, damage):
+    index = index_copy(env, tmp_path)
+    db = index / "items.sqlite"
+    if damage == "garbage":
+        db.write_bytes(np.random.default_rng(2).integers(0, 256, 8192, dtype=np.uint8).tobytes())
+    else:
+        db.write_bytes(db.read_bytes()[:3000])
+    for args in (["query", env["bundle"], "--index", index, "--text", "red"], ["index", "info", index],
+                 ["index", "remove", index, "0.png"]):
+        fails(capsys, args, 1, "items.sqlite", watch=(index,))
+
+
 def test_index_dimension_mismatch_on_add(env, tmp_path):
     index = index_copy(env, tmp_path)
     before = state(index)
