@@ -9,6 +9,8 @@ Two ways of choosing the point:
   (all of them, or only those of the save path) and SIGKILLs itself at line number N (N
   drawn from a seeded generator), so every line of ``add``/``remove``/``save``/``open`` is
   a possible crash point and a run is reproducible;
+* *commit*: right after the commit point of the first, second or third save, before the
+  child can report the step done (the new state must be there);
 * *timed*: the parent sends SIGKILL a random few milliseconds after the child announced a
   step, which also lands inside C code (hnswlib writing the graph, SQLite committing).
 
@@ -39,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 DIM = 16
 PARAMS = IndexParams(M=8, ef_construction=32, ef=32)
 N_TRACED = 16
-N_TIMED = 8
+N_COMMIT = 2
+N_TIMED = 6
 
 # The operations of step s (generation s-1 -> s), shared by the child and the model below.
 STEP_CODE = '''
@@ -64,11 +67,24 @@ from mmedge.runtime.index import Index, Item
 import mmedge.runtime.index as index_mod
 
 folder, kill_at, steps, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-scope = sys.argv[5]  # "all": any line of index.py; "save": lines of the save path only
+scope = sys.argv[5]  # "all": any line of index.py; "save": lines of the save path only;
+                    # "commit": right after the kill_at-th commit point (inside save)
 SAVE_PATH = {"save", "_commit_generation", "_write_index_json", "_cleanup_files",
              "_atomic_write_text", "_fsync_file", "_fsync_dir", "_unlink_quietly"}
 
-if kill_at > 0:  # traced mode: SIGKILL at the kill_at-th line executed in index.py
+if kill_at > 0 and scope == "commit":
+    real_commit = Index._commit_generation
+    commits = 0
+
+    def commit_then_die(self, generation):
+        global commits
+        real_commit(self, generation)
+        commits += 1
+        if commits >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Index._commit_generation = commit_then_die
+elif kill_at > 0:  # traced mode: SIGKILL at the kill_at-th line executed in index.py
     target = index_mod.__file__
     seen = 0
 
@@ -172,9 +188,12 @@ def test_sigkill_at_random_points_never_leaves_a_mix(tmp_path: Path) -> None:
     gen = 0
     kills = 0
     outcomes = {"between steps": 0, "mid-step, old state": 0, "mid-step, new state": 0}
-    for round_no in range(N_TRACED + N_TIMED):
-        traced = round_no < N_TRACED
-        if traced:
+    for round_no in range(N_TRACED + N_COMMIT + N_TIMED):
+        if round_no >= N_TRACED and round_no < N_TRACED + N_COMMIT:  # just after the commit point
+            proc = run_child(folder, kill_at=rng.randint(1, 3), steps=60, scope="commit")
+            out, err = proc.communicate(timeout=120)
+            lines = [ln for ln in out.splitlines() if ln.strip()]
+        elif round_no < N_TRACED:
             if round_no % 2:  # anywhere in index.py (add, remove, open's repairs, save)
                 proc = run_child(folder, kill_at=rng.randint(1, 2500), steps=60)
             else:  # inside save: around the commit point, index.json, the cleanup
@@ -208,5 +227,5 @@ def test_sigkill_at_random_points_never_leaves_a_mix(tmp_path: Path) -> None:
         gen = new_gen
     assert kills >= 20
     assert gen >= 5, "the child should get some saves through between kills"
-    # most kills land inside a step, some of them after its commit point
-    assert outcomes["mid-step, old state"] >= 5 and outcomes["mid-step, new state"] >= 2, outcomes
+    # most kills land inside a step; at least the N_COMMIT ones after its commit point
+    assert outcomes["mid-step, old state"] >= 5 and outcomes["mid-step, new state"] >= N_COMMIT, outcomes
