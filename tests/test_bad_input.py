@@ -775,15 +775,51 @@ def test_no_pickle_on_any_load_path():
     assert not offenders, offenders
 
 
+# ============================================================================ console entry point
+
+
+@pytest.mark.parametrize("case", ["zero-image", "blank-text", "long-text", "k-huge", "k-zero", "both", "bad-index"])
+def test_console_entry_answers_like_the_app(capsys, env, tmp_path, case):
+    """The installed ``mmedge`` script (mmedge.cli.entry) answers plain queries without typer;
+    it must give the same exit code and the same error line as the typer app."""
+    from mmedge.cli.entry import main as entry_main
+
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(b"")
+    args = {
+        "zero-image": query_image(env, zero),
+        "blank-text": query_text(env, "  "),
+        "long-text": query_text(env, "x" * (MAX_TEXT_CHARS + 1)),
+        "k-huge": query_text(env, "red", k=MAX_K + 1),
+        "k-zero": query_text(env, "red", k=0),
+        "both": ["query", env["bundle"], "--index", env["index"], "--text", "red", "--image", zero],
+        "bad-index": ["query", env["bundle"], "--index", tmp_path / "noindex", "--text", "red"],
+    }[case]
+    results = []
+    for entry in (main, entry_main):
+        capsys.readouterr()
+        try:
+            entry([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err
+        results.append((code, err.strip()))
+    assert results[0] == results[1]
+    assert results[0][0] in (1, 2) and results[0][1].startswith("error: ") and "\n" not in results[0][1]
+
+
 # ============================================================================ real processes
 
 
+@pytest.mark.parametrize("module", ["mmedge.cli.entry", "mmedge.cli.main"])  # the console script, the app
 @pytest.mark.parametrize(
     "case,code,needle",
     [("bad-image", 1, "not a recognised image format"), ("usage", 2, "exactly one of"),
      ("bad-bundle", 1, "does not exist"), ("bad-flag", 2, "No such option")],
 )
-def test_process_exit_status_and_debug(env, tmp_path, case, code, needle):
+def test_process_exit_status_and_debug(env, tmp_path, case, code, needle, module):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"junk")
     args = {
@@ -793,14 +829,14 @@ def test_process_exit_status_and_debug(env, tmp_path, case, code, needle):
         "bad-flag": ["verify", env["bundle"], "--nope"],
     }[case]
     base_env = {k: v for k, v in os.environ.items() if k != "MMEDGE_DEBUG"}
-    proc = subprocess.run([sys.executable, "-m", "mmedge.cli.main", *map(str, args)], cwd=ROOT, env=base_env,
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=base_env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == code, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert proc.stdout == ""
     if case in ("bad-image", "bad-bundle"):  # --debug shows where it came from
-        proc = subprocess.run([sys.executable, "-m", "mmedge.cli.main", "--debug", *map(str, args)], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", module, "--debug", *map(str, args)], cwd=ROOT,
                               env=base_env, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "Traceback" in proc.stderr
         assert ("ImageError" if case == "bad-image" else "BundleError") in proc.stderr
