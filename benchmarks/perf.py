@@ -163,7 +163,7 @@ def bench_encoders(ctx: dict[str, Any], res: dict[str, Any]) -> None:
     pix = preprocess(chunks[0], bundles["fp32"].preprocess)
     model_fns = variants(lambda b, th: ImageEncoder(b, threads=th).encode_pixels, torch_model.encode_pixels)
     model_only: dict[str, list[float]] = {k: [] for k in model_fns}
-    for rnd in range(10):
+    for rnd in range(20):
         for name, fn in model_fns.items():
             t0 = clock()
             fn(pix)
@@ -187,9 +187,11 @@ def bench_encoders(ctx: dict[str, Any], res: dict[str, Any]) -> None:
     # per-tower choice: int8 where it is no slower than fp32 at the thread count mmedge uses by
     # default (text: 1, image: ONNX Runtime's default, one per core), same run, interleaved
     choice = {}
+    # (the image tower by its model-only throughput: decoding is the same work for both)
     for tower, key, th, better in (("text", "text_batch1", 1, "lower"), ("image", "image_throughput", 2, "higher")):
         f, i = out[key][f"onnx-fp32-{th}t"], out[key][f"onnx-int8-{th}t"]
-        ok = (i["p50_ms"] <= f["p50_ms"] * 1.02) if better == "lower" else (i["images_per_s"] >= f["images_per_s"] * 0.98)
+        ok = ((i["p50_ms"] <= f["p50_ms"] * 1.02) if better == "lower"
+              else (i["model_only_images_per_s"] >= f["model_only_images_per_s"] * 0.98))
         choice[tower] = "int8" if ok else "fp32"
     out["per_tower_choice"] = choice
     out["default_threads"] = {"text": 1, "image": 2}
@@ -548,12 +550,12 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         add("size", "int8 bundle size / fp32 (whole folder)", "<= 30%", f"{100 * s['ratio_bundle']:.1f}%",
             s["ratio_bundle"] <= 0.30)
         add("size_models", "int8 model files / fp32 model files", "<= 30%", f"{100 * s['ratio_models']:.1f}%", s["ratio_models"] <= 0.30)
-        for tower, key, f, th in (("text", "text_batch1", "p50_ms", 1), ("image", "image_throughput", "images_per_s", 2)):
+        for tower, key, f, th in (("text", "text_batch1", "p50_ms", 1), ("image", "image_throughput", "model_only_images_per_s", 2)):
             a, b = enc[key][f"onnx-fp32-{th}t"][f], enc[key][f"onnx-int8-{th}t"][f]
             ok = (b <= a * 1.02) if f == "p50_ms" else (b >= a * 0.98)
             other = 3 - th
             a2, b2 = enc[key][f"onnx-fp32-{other}t"][f], enc[key][f"onnx-int8-{other}t"][f]
-            unit = "ms p50" if f == "p50_ms" else "images/s"
+            unit = "ms p50" if f == "p50_ms" else "images/s, model only (decoding is the same for both)"
             fmt = (lambda v: f"{v:.3f}") if f == "p50_ms" else (lambda v: f"{v:.0f}")
             add("int8_speed", f"int8 {tower} tower no slower than fp32 ({th} thread{'s' if th > 1 else ''}, mmedge's default)",
                 "int8 no slower (2% noise allowance)",
