@@ -51,13 +51,14 @@ class Tfidf:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def randomized_pca(x: np.ndarray, k: int, seed: int = 0, iters: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and top-k principal directions (D, k) of rows ``x``."""
+def randomized_pca(x: np.ndarray, k: int, seed: int = 0, iters: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and top-k principal directions (D, k) of rows ``x`` (randomised SVD with
+    ``iters`` power iterations, in ``x``'s precision)."""
     mean = x.mean(0)
     xc = x - mean
     k = min(k, *xc.shape)
     rng = np.random.default_rng(seed)
-    q = np.linalg.qr(xc.T @ rng.standard_normal((xc.shape[0], k + 10)))[0]  # (D, k+10)
+    q = np.linalg.qr(xc.T @ rng.standard_normal((xc.shape[0], k + 10)).astype(x.dtype))[0]  # (D, k+10)
     for _ in range(iters):
         q = np.linalg.qr(xc.T @ (xc @ q))[0]
     _, _, vt = np.linalg.svd(xc @ q, full_matrices=False)

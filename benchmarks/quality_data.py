@@ -50,9 +50,12 @@ def _val_holdout(base_id: str, percent: int = 20) -> bool:
     return int.from_bytes(hashlib.sha256(f"val:{base_id}".encode()).digest()[:8], "big") % 100 < percent
 
 
+TAGS_PER_TEXT = 4
+
+
 def alt_texts(root: Path) -> dict[str, list[str]]:
     """emoji_id -> alternative texts: the Unicode-style name, the short names and the CLDR
-    keywords, lower case. Skin-tone variants inherit names and keywords from their base
+    keywords (in groups of ``TAGS_PER_TEXT``), lower case. Skin-tone variants inherit names and keywords from their base
     emoji, so their tone (the part of the caption after ': ') is appended to each, else
     one text would describe five different images."""
     meta = {r["emoji_id"]: r for r in _read(root / "emoji.csv")}
@@ -72,9 +75,9 @@ def alt_texts(root: Path) -> dict[str, list[str]]:
             shorts = list(dict.fromkeys(shorts))
             if shorts:
                 texts.append(", ".join(shorts) + suffix)
-        t = tags.get(eid, "")
-        if t:
-            texts.append(", ".join(t.split("|")) + suffix)
+        words = [w for w in tags.get(eid, "").split("|") if w]
+        for i in range(0, len(words), TAGS_PER_TEXT):  # short texts: cheaper and more varied
+            texts.append(", ".join(words[i : i + TAGS_PER_TEXT]) + suffix)
         out[eid] = [x for x in dict.fromkeys(texts) if x and x != m["caption"]]
     return out
 

@@ -56,7 +56,7 @@ class Stage2Config:
     # "contrastive": train both towers and projections with InfoNCE; "cca": keep the
     # stage-1 towers frozen and set the projections by CCA of their features (no training)
     method: str = "contrastive"
-    cca_reg: float = 1e-3  # CCA covariance ridge, relative to the mean eigenvalue
+    cca_reg: float = 1e-2  # CCA covariance ridge, relative to the mean eigenvalue
     cca_power: float = 1.0  # canonical directions weighted by correlation ** cca_power
     epochs: int = 8
     batch_size: int = 256

@@ -357,6 +357,13 @@ def _white(pcfg: PreprocessConfig) -> torch.Tensor:
     return ((bg - mean) / std)[None, :, None, None]  # (1, 3, 1, 1)
 
 
+def _blur3(x: torch.Tensor) -> torch.Tensor:
+    """Separable [1, 2, 1] / 4 blur with replicated edges, (B, C, H, W)."""
+    xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    h = xp[..., :, :-2] + 2.0 * xp[..., :, 1:-1] + xp[..., :, 2:]
+    return (h[..., :-2, :] + 2.0 * h[..., 1:-1, :] + h[..., 2:, :]) * (1.0 / 16.0)
+
+
 def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Colour-keeping augmentation of normalised pixels (B, 3, S, S): random zoom, shift and
     rotation on the background colour, and an occasional 3x3 blur. Colours are never
@@ -374,11 +381,10 @@ def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.
         x = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros",
                           align_corners=False) + background
     if s2.aug_blur:
-        k = torch.tensor([1.0, 2.0, 1.0])
-        k = (k[:, None] * k[None, :] / 16.0).expand(3, 1, 3, 3).contiguous()
-        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
-        pick = (torch.rand(b, generator=g) < s2.aug_blur)[:, None, None, None]
-        x = torch.where(pick, blurred, x)
+        pick = torch.nonzero(torch.rand(b, generator=g) < s2.aug_blur).squeeze(1)
+        if len(pick):
+            x = x.clone()
+            x[pick] = _blur3(x[pick])
     return x
 
 
