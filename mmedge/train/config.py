@@ -20,8 +20,8 @@ class ImageTowerConfig:
     # "conv4": four stride-2 3x3 convs, flattened; "patchres": 4x4 patch stem and residual
     # stages (see models.py), with `blocks` residual blocks per stage and `pool`
     # ("flatten", "mean" or "both") over the final S/16 grid
-    arch: str = "conv4"
-    blocks: int = 1
+    arch: str = "patchres"
+    blocks: int = 0
     pool: str = "flatten"
 
 
@@ -40,13 +40,14 @@ class TextTowerConfig:
 class Stage1Config:
     """Unsupervised pre-training of each tower (can use unpaired images and texts)."""
 
-    enabled: bool = True
-    image_epochs: int = 1  # denoising convolutional autoencoder
-    text_epochs: int = 2  # masked-token reconstruction
+    enabled: bool = True  # (the default recipe, TrainConfig(), turns it off: see docs/RECIPE.md)
+    image_epochs: int = 20  # denoising convolutional autoencoder
+    text_epochs: int = 10  # masked-token reconstruction
     batch_size: int = 128
     lr: float = 2e-3
     noise_std: float = 0.1  # gaussian noise on normalised pixels (denoising AE)
     mask_prob: float = 0.15  # fraction of tokens masked for the text objective
+    dedupe_texts: bool = True  # the text model sees each distinct text once per epoch
 
 
 @dataclass
@@ -58,33 +59,39 @@ class Stage2Config:
     method: str = "contrastive"
     cca_reg: float = 1e-2  # CCA covariance ridge, relative to the mean eigenvalue
     cca_power: float = 1.0  # canonical directions weighted by correlation ** cca_power
-    epochs: int = 8
+    epochs: int = 20
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05  # linear warm-up, then cosine decay
     embed_dim: int = 128  # shared embedding size before PCA
     init_temperature: float = 0.07  # learnable; logit scale is clamped at 100
+    # "random", or "cca": when stage 1 ran, the projection heads start at the CCA of the
+    # stage-1 features on the training pairs (unit-variance canonical variates), so the
+    # contrastive stage starts from an alignment instead of a random map
+    head_init: str = "random"
+    pretrained_lr_mult: float = 1.0  # learning-rate factor of towers that stage 1 pre-trained
     adversarial: bool = False  # add a modality discriminator behind gradient reversal
     adv_weight: float = 0.1  # weight of the discriminator loss
     adv_hidden: int = 128  # discriminator hidden size
     adv_unpaired: bool = True  # the discriminator also sees unpaired images/texts when given
+    adv_unpaired_batch: int = 64  # unpaired images and texts per step for the discriminator
     # Positives: with multi_positive, pairs whose captions are equal are one concept, so two
     # images of one caption in a batch are both positives (otherwise the other is a negative).
-    multi_positive: bool = False
+    multi_positive: bool = True
     # Alternative texts: a data column (e.g. "alt_captions") of "|"-separated texts that also
     # describe the pair's image; each step a caption is replaced by one of them with
     # probability alt_prob. They also train the tokenizer and the stage-1 text model.
     alt_column: str = "alt_captions"
-    alt_prob: float = 0.0
+    alt_prob: float = 0.3
     text_drop: float = 0.0  # probability of dropping each word-piece token (not [CLS]) per step
     # Image augmentation that keeps colours (skin tones are colour): random zoom in
     # [1 - aug_scale, 1 + aug_scale], shift up to aug_translate of the side, rotation up to
     # aug_rotate degrees, all on a white background; a 3x3 blur with probability aug_blur.
-    aug_scale: float = 0.0
-    aug_translate: float = 0.0
-    aug_rotate: float = 0.0
-    aug_blur: float = 0.0
+    aug_scale: float = 0.25
+    aug_translate: float = 0.12
+    aug_rotate: float = 15.0
+    aug_blur: float = 0.2
     # Hard negatives: beta > 0 re-weights in-batch negatives by exp(beta * similarity)
     # (Robinson et al., 2021), so near misses weigh more in the loss.
     hard_negative_beta: float = 0.0
@@ -94,7 +101,7 @@ class Stage2Config:
 class TrainConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage1: Stage1Config = field(default_factory=lambda: Stage1Config(enabled=False))
     stage2: Stage2Config = field(default_factory=Stage2Config)
     pca_dim: int | None = None  # project embeddings to this many dims (fitted on train data)
     seed: int = 0
@@ -110,12 +117,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """A config from (possibly partial) JSON: missing fields take the values of
+        ``TrainConfig()``, the default recipe."""
+        base = cls()
         try:
+            parts = {}
+            for name, kind in (("image", ImageTowerConfig), ("text", TextTowerConfig), ("stage1", Stage1Config),
+                               ("stage2", Stage2Config)):
+                sub = d.get(name, {})
+                if not isinstance(sub, dict):
+                    raise TypeError(f"{name} must be an object, got {type(sub).__name__}")
+                parts[name] = kind(**{**dataclasses.asdict(getattr(base, name)), **sub})
             return cls(
-                image=ImageTowerConfig(**d.get("image", {})),
-                text=TextTowerConfig(**d.get("text", {})),
-                stage1=Stage1Config(**d.get("stage1", {})),
-                stage2=Stage2Config(**d.get("stage2", {})),
+                **parts,
                 **{k: (tuple(v) if k == "alpha_background" else v)
                    for k, v in d.items() if k not in ("image", "text", "stage1", "stage2")},
             )
@@ -129,10 +143,15 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
     Measured: about 2 minutes of training on 2 CPU cores, text->image R@10 = 1.0 on
     the 1,000-pair test split (see README)."""
     return TrainConfig(
-        image=ImageTowerConfig(image_size=64, width=16, feature_dim=256),
+        image=ImageTowerConfig(image_size=64, width=16, feature_dim=256, arch="conv4", blocks=1, pool="flatten"),
         text=TextTowerConfig(max_length=48, width=96, layers=2, heads=4, mlp_ratio=2, tokenizer_vocab=4000),
-        stage1=Stage1Config(enabled=True, image_epochs=1, text_epochs=2, batch_size=128, lr=2e-3),
-        stage2=Stage2Config(epochs=8, batch_size=256, lr=2e-3, embed_dim=128),
+        stage1=Stage1Config(enabled=True, image_epochs=1, text_epochs=2, batch_size=128, lr=2e-3,
+                            noise_std=0.1, mask_prob=0.15, dedupe_texts=False),
+        stage2=Stage2Config(method="contrastive", epochs=8, batch_size=256, lr=2e-3, weight_decay=0.05,
+                            warmup_frac=0.05, embed_dim=128, init_temperature=0.07, head_init="random",
+                            adversarial=False, multi_positive=False, alt_prob=0.0, text_drop=0.0,
+                            aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0,
+                            hard_negative_beta=0.0),
         pca_dim=None,
         seed=seed,
     )

@@ -184,7 +184,7 @@ def _run_epochs(
         for i, batch in enumerate(epoch_batches(epoch)):
             gstep = epoch * steps_per_epoch + i
             for g in opt.param_groups:
-                g["lr"] = _lr_at(gstep, total, base_lr, warmup_frac)
+                g["lr"] = _lr_at(gstep, total, base_lr, warmup_frac) * g.get("lr_mult", 1.0)
             losses = runner(_shard(batch))
             opt.zero_grad(set_to_none=True)
             losses.get("loss_backward", losses["loss"]).backward()
@@ -296,10 +296,10 @@ def _stage1_text(cfg: TrainConfig, ids: np.ndarray, mask: np.ndarray, run: Path,
 
     def step(b: Any) -> dict[str, torch.Tensor]:
         inp, tmask, target, pick, n_pick = b
-        logits = head(tower.states(inp, tmask))  # (B, T, V)
+        logits = head(tower.states(inp, tmask)[pick])  # (masked tokens, V): only where it is scored
         # sum over this rank's masked tokens / all ranks' count, times the world size:
         # DDP's gradient average then equals the mean over the global batch
-        loss = F.cross_entropy(logits[pick], target[pick], reduction="sum") / n_pick[0] * _CTX.loss_scale
+        loss = F.cross_entropy(logits, target[pick], reduction="sum") / n_pick[0] * _CTX.loss_scale
         return {"loss": loss}
 
     _run_epochs("stage1-text", run / "stage1" / "text.ckpt", key, {"tower": tower, "head": head}, opt,
@@ -428,16 +428,29 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
         model.image_tower.load_state_dict(image_init)
     if text_init is not None:
         model.text_tower.load_state_dict(text_init)
+    if s2.head_init == "cca" and image_init is not None and text_init is not None:
+        _cca_heads(model, train, pcfg, s2.cca_reg)
+    elif s2.head_init not in ("random", "cca"):
+        raise TrainError(f"stage2.head_init must be 'random' or 'cca', got {s2.head_init!r}")
     disc = ModalityDiscriminator(s2.embed_dim, s2.adv_hidden) if s2.adversarial else None
     modules: dict[str, nn.Module] = {"model": model}
     params = list(model.parameters())
     if disc is not None:
         modules["disc"] = disc
         params += list(disc.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s2.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s2.lr)
+    slow: set[int] = set()  # stage-1 towers train at lr * pretrained_lr_mult
+    if s2.pretrained_lr_mult != 1.0:
+        for tower, init in ((model.image_tower, image_init), (model.text_tower, text_init)):
+            if init is not None:
+                slow |= {id(p) for p in tower.parameters()}
+    groups = []
+    for is_slow in (False, True):
+        mult = s2.pretrained_lr_mult if is_slow else 1.0
+        sel = [p for p in params if (id(p) in slow) == is_slow]
+        for wd, ps in ((s2.weight_decay, [p for p in sel if p.ndim >= 2]), (0.0, [p for p in sel if p.ndim < 2])):
+            if ps or not is_slow:
+                groups.append({"params": ps, "weight_decay": wd, "lr_mult": mult})
+    opt = torch.optim.AdamW(groups, lr=s2.lr)
     n = len(train.pixels)
     if n < 2:
         raise TrainError(f"stage 2 needs at least 2 training pairs, got {n}")
@@ -483,8 +496,9 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
             extra = None
             if adv_unpaired:
                 assert unpaired is not None
-                ui = rng.integers(0, len(unpaired.pixels), bs) if len(unpaired.pixels) else None
-                ut = rng.integers(0, len(unpaired.ids), bs) if len(unpaired.ids) else None
+                ub = max(1, min(bs, s2.adv_unpaired_batch))
+                ui = rng.integers(0, len(unpaired.pixels), ub) if len(unpaired.pixels) else None
+                ut = rng.integers(0, len(unpaired.ids), ub) if len(unpaired.ids) else None
                 upx = _normalize(unpaired.pixels[ui], pcfg) if ui is not None else None
                 if upx is not None and augment:
                     upx = augment_images(upx, s2, background, g)
@@ -577,6 +591,22 @@ def fit_cca(x: np.ndarray, y: np.ndarray, dim: int, reg: float = 1e-3, power: fl
     a = (wx @ u[:, :k]) * scale
     b = (wy @ vt[:k].T) * scale
     return mx, a, my, b, corr[:k]
+
+
+def _cca_heads(model: DualEncoder, train: Tensors, pcfg: PreprocessConfig, reg: float) -> None:
+    """Start both projection heads at the CCA of the towers' features on the training pairs:
+    the first k output dimensions are the whitened canonical variates (unit variance), the
+    others keep their random initialisation, scaled down to a hundredth."""
+    fx, fy = tower_features((model.image_tower, model.text_tower), train, pcfg)
+    e = model.image_proj.out_features
+    k = min(e, fx.shape[1], fy.shape[1], max(1, len(fx) - 1))
+    mx, a, my, b, _ = fit_cca(fx, fy, k, reg=reg, power=0.0)
+    with torch.no_grad():
+        for proj, m, w in ((model.image_proj, mx, a), (model.text_proj, my, b)):
+            proj.weight.mul_(0.01)
+            proj.bias.mul_(0.01)
+            proj.weight[:k] = torch.from_numpy(w.T.copy()).float()
+            proj.bias[:k] = torch.from_numpy(-(m @ w)).float()
 
 
 def _stage2_cca(cfg: TrainConfig, train: Tensors, pcfg: PreprocessConfig,
@@ -799,7 +829,9 @@ def _train(
     elif cfg.stage1.enabled:
         t = time.perf_counter()
         image_init, ik = _stage1_image(cfg, all_pixels, pcfg, run, on_progress)
-        if len(alt_ids) or len(u_ids):
+        if cfg.stage1.dedupe_texts:  # each distinct text once (captions repeat across images)
+            s1_ids, s1_mask = tokenize_all(tokenizer, list(dict.fromkeys(captions + alt_flat + u_texts)))
+        elif len(alt_ids) or len(u_ids):
             s1_ids, s1_mask = np.concatenate([train_t.ids, alt_ids, u_ids]), np.concatenate([train_t.mask, alt_mask, u_mask])
         else:
             s1_ids, s1_mask = train_t.ids, train_t.mask
