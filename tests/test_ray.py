@@ -40,7 +40,9 @@ def test_ray_build_matches_single_process(tmp_path, fp32_bundle, synthetic_data)
     assert len(remote) == len(local) == len(pairs)
     np.testing.assert_allclose(remote.vectors([p.key for p in pairs]), vecs, atol=1e-5)
     queries = TextEncoder(bundle).encode([p.caption for p in pairs[:40]])
-    for a, b in zip(remote.search(queries, k=10), local.search(queries, k=10)):
+    # ef = N: an exhaustive beam, so that two graphs built in different insertion orders
+    # (threads) return the same neighbours; the default beam is approximate by design
+    for a, b in zip(remote.search(queries, k=10, ef=len(pairs)), local.search(queries, k=10, ef=len(pairs))):
         assert [h.key for h in a] == [h.key for h in b]
 
 
