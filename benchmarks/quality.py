@@ -111,7 +111,7 @@ def method_config(method: str, seed: int, threads: int | None, quick: bool, pair
     return cfg
 
 
-LOW_PAIR_EPOCH_FACTOR = 2.0
+LOW_PAIR_EPOCH_FACTOR = 4.0 / 3.0
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -306,7 +306,7 @@ def tasks(protocols: list[str], seeds: list[int], fraction: float) -> list[list[
     sees the pairing) are shared with (d) and (e) in both regimes, (a) and (c);
     2: (d), (e) on all pairs, and (c), (d), (e) on the low-pair subsets;
     3: (f), the default recipe's run with PCA fitted (nothing retrained), index sizes."""
-    steps = {"style": 14, "concept": 23}  # optimiser steps per epoch, for ordering only
+    steps = {"style": 30, "concept": 48}  # optimiser steps per epoch, for ordering only
     cost = {"b": 0.8, "a": 0.1, "full": 1.0, "low": 2 * fraction * LOW_PAIR_EPOCH_FACTOR}
 
     def longest_first(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.1, help="fraction of pairs used as pairs")
     ap.add_argument("--protocols", default="style,concept")
     ap.add_argument("--quick", action="store_true", help="smoke run: data subset, 1-2 epochs")
-    ap.add_argument("--jobs", type=int, default=2, help="measurements run in parallel processes")
+    ap.add_argument("--jobs", type=int, default=3, help="measurements run in parallel processes")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite quality.md and quality.png from --out's quality.json (no measuring)")
     args = ap.parse_args(argv)

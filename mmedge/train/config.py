@@ -59,8 +59,8 @@ class Stage2Config:
     method: str = "contrastive"
     cca_reg: float = 1e-2  # CCA covariance ridge, relative to the mean eigenvalue
     cca_power: float = 1.0  # canonical directions weighted by correlation ** cca_power
-    epochs: int = 20
-    batch_size: int = 256
+    epochs: int = 30
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05  # linear warm-up, then cosine decay
