@@ -351,6 +351,17 @@ def _pixel_sha256(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels, dtype="<f4").tobytes()).hexdigest()
 
 
+def _float32_rows(x: np.ndarray) -> list[list[float]]:
+    """``(N, D)`` float32 -> nested lists of the shortest decimals that read back as the same float32.
+
+    Each value is written with the digits float32 needs (at most 9 significant ones) rather
+    than float64's 17; reading it back as float32 gives the exact same bits, and as float64 a
+    value within 1e-9 relative of it, far inside any golden tolerance.
+    """
+    arr = np.asarray(x, dtype=np.float32)
+    return [[float(np.format_float_scientific(v, unique=True)) for v in row] for row in arr]
+
+
 def _golden_png_bytes(src: Any, cfg: PreprocessConfig) -> bytes:
     """PNG bytes for a golden image: PNG input is copied as is, anything else re-encoded."""
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -424,11 +435,11 @@ def write_golden(
         "attention_mask": mask.tolist(),
         "images": rels,
         "pixel_sha256": [_pixel_sha256(p) for p in pixels],
-        "image_embeddings": image_enc.encode_pixels(pixels).astype(np.float64).tolist(),
-        "text_embeddings": text_enc.encode_ids(ids, mask).astype(np.float64).tolist(),
+        "image_embeddings": _float32_rows(image_enc.encode_pixels(pixels)),
+        "text_embeddings": _float32_rows(text_enc.encode_ids(ids, mask)),
         "tolerance": float(tolerance),
     }
-    _atomic_write_bytes(root / GOLDEN_JSON, (json.dumps(golden, indent=1) + "\n").encode("utf-8"))
+    _atomic_write_bytes(root / GOLDEN_JSON, (json.dumps(golden, separators=(",", ":")) + "\n").encode("utf-8"))
     manifest = dict(bundle.manifest)
     manifest["golden"] = GOLDEN_JSON
     write_manifest(root, manifest)
