@@ -813,6 +813,32 @@ def test_console_entry_answers_like_the_app(capsys, env, tmp_path, case):
 # ============================================================================ real processes
 
 
+_MODULES_AT_EXIT = r"""
+import atexit, json, sys
+atexit.register(lambda: sys.stderr.write("\nMODULES " + json.dumps(sorted(sys.modules)) + "\n"))
+from mmedge.cli.entry import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_text_query_process_never_imports_pillow(env, mode):
+    """Pillow is imported only when an image is decoded: a text query process never loads it
+    (it is part of a cold query's start-up); an image query does (the probe sees it)."""
+    args = query_text(env, "a red circle") if mode == "text" else query_image(env, env["data"] / "0.png")
+    base_env = {k: v for k, v in os.environ.items() if k != "MMEDGE_DEBUG"}
+    proc = subprocess.run([sys.executable, "-c", _MODULES_AT_EXIT, *map(str, args)], cwd=ROOT, env=base_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 3
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("MODULES ")][-1]
+    pil = [m for m in json.loads(line[len("MODULES "):]) if m == "PIL" or m.startswith("PIL.")]
+    if mode == "text":
+        assert pil == []
+    else:
+        assert "PIL.Image" in pil
+
+
 @pytest.mark.parametrize("module", ["mmedge.cli.entry", "mmedge.cli.main"])  # the console script, the app
 @pytest.mark.parametrize(
     "case,code,needle",

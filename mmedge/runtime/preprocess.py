@@ -28,18 +28,25 @@ Colour-mode rules (documented because they change pixels):
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmedge.errors import BundleError, ImageError, UsageError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Pillow is imported only when an image is decoded or resized (inside the functions below), so
+# that a process that only runs text queries never loads it.
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +60,39 @@ MAX_IMAGE_PIXELS: int = 64 * 1024 * 1024
 #: is opened. (1024 images at 224x224 are 600 MB of float32 pixels.)
 MAX_IMAGE_BATCH: int = 1024
 
-#: Pillow resampling filters by the names the manifest uses.
-RESIZE_FILTERS: dict[str, Image.Resampling] = {
-    "nearest": Image.Resampling.NEAREST,
-    "box": Image.Resampling.BOX,
-    "bilinear": Image.Resampling.BILINEAR,
-    "hamming": Image.Resampling.HAMMING,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+#: Names of the Pillow resampling filters the manifest may use (see :data:`RESIZE_FILTERS`).
+RESIZE_FILTER_NAMES: frozenset[str] = frozenset({"nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"})
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], "Image.Image"]
 """Anything :func:`load_image` accepts."""
+
+
+@functools.lru_cache(maxsize=1)
+def _resize_filters() -> dict[str, Any]:
+    from PIL import Image
+
+    return {
+        "nearest": Image.Resampling.NEAREST,
+        "box": Image.Resampling.BOX,
+        "bilinear": Image.Resampling.BILINEAR,
+        "hamming": Image.Resampling.HAMMING,
+        "bicubic": Image.Resampling.BICUBIC,
+        "lanczos": Image.Resampling.LANCZOS,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    # RESIZE_FILTERS (Pillow resampling filters by the names the manifest uses) is built on
+    # first access, so that importing this module does not import Pillow.
+    if name == "RESIZE_FILTERS":
+        return _resize_filters()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_pil_image(obj: Any) -> bool:
+    """``isinstance(obj, PIL.Image.Image)`` without importing Pillow (no PIL image can exist before it is imported)."""
+    mod = sys.modules.get("PIL.Image")
+    return mod is not None and isinstance(obj, mod.Image)
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -85,7 +113,7 @@ class PreprocessConfig:
     """How to turn an image into the ``pixel_values`` tensor of the image graph.
 
     ``size`` is ``(H, W)``; ``mean`` / ``std`` are per RGB channel on 0..1 values;
-    ``resize_filter`` is one of :data:`RESIZE_FILTERS`. Invalid values raise
+    ``resize_filter`` is one of :data:`RESIZE_FILTER_NAMES`. Invalid values raise
     :class:`~mmedge.errors.BundleError` (the config normally comes from a manifest).
     """
 
@@ -105,9 +133,9 @@ class PreprocessConfig:
             raise BundleError(f"preprocess.size must be [H, W], got {self.size!r}") from exc
         if len(size) != 2 or min(size) < 1:
             raise BundleError(f"preprocess.size must be two positive integers [H, W], got {self.size!r}")
-        if self.resize_filter not in RESIZE_FILTERS:
+        if self.resize_filter not in RESIZE_FILTER_NAMES:
             raise BundleError(
-                f"unknown resize_filter {self.resize_filter!r}; known: {', '.join(sorted(RESIZE_FILTERS))}"
+                f"unknown resize_filter {self.resize_filter!r}; known: {', '.join(sorted(RESIZE_FILTER_NAMES))}"
             )
         mean = _as_float_triple(self.mean, "mean")
         std = _as_float_triple(self.std, "std")
@@ -170,7 +198,7 @@ def _describe(src: Any) -> str:
         return str(src)
     if isinstance(src, (bytes, bytearray, memoryview)):
         return f"<{len(src)} bytes>"
-    if isinstance(src, Image.Image):
+    if _is_pil_image(src):
         return f"<PIL image {src.mode} {src.size[0]}x{src.size[1]}>"
     name = getattr(src, "name", None)
     return str(name) if isinstance(name, (str, os.PathLike)) else f"<{type(src).__name__}>"
@@ -188,6 +216,8 @@ def _check_pixels(img: Image.Image, name: str) -> None:
 
 
 def _open_and_convert(fp: IO[bytes], name: str, cfg: PreprocessConfig) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
     try:
         # Image.open reads the header only; the pixel limit is checked before decoding.
         # Pillow's own DecompressionBombWarning (over ~89 Mpx) is above our limit, so an
@@ -224,7 +254,7 @@ def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
     :class:`~mmedge.errors.ImageError` naming the source and the reason.
     """
     name = _describe(src)
-    if isinstance(src, Image.Image):
+    if _is_pil_image(src):
         _check_pixels(src, name)
         try:
             if getattr(src, "is_animated", False) and src.tell() != 0:
@@ -279,6 +309,8 @@ def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray
 
 def _to_rgb(im: Image.Image, cfg: PreprocessConfig, name: str) -> Image.Image:
     """Orientation + colour conversion; always returns a new image, never ``im`` itself."""
+    from PIL import Image, ImageOps
+
     if cfg.exif_transpose:
         try:
             im = ImageOps.exif_transpose(im)  # a transposed copy, or a plain copy
@@ -317,7 +349,7 @@ def to_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         img = _to_rgb(img, cfg, _describe(img))
     h, w = cfg.size
     if img.size != (w, h):
-        img = img.resize((w, h), resample=RESIZE_FILTERS[cfg.resize_filter])
+        img = img.resize((w, h), resample=_resize_filters()[cfg.resize_filter])
     arr = np.asarray(img, dtype=np.uint8)
     if arr.shape != (h, w, 3):  # pragma: no cover - guarded by the conversion above
         raise ImageError(f"unexpected pixel array shape {arr.shape}, expected {(h, w, 3)}")
@@ -347,8 +379,10 @@ def normalize(batch: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 def is_single_source(images: Any) -> bool:
     """True when ``images`` is one image source (path, bytes, file object, PIL image), not a batch."""
-    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(
-        images, "read"
+    return (
+        isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview))
+        or _is_pil_image(images)
+        or hasattr(images, "read")
     )
 
 
