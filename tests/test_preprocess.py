@@ -18,6 +18,7 @@ from mmedge.runtime.preprocess import (
     MAX_IMAGE_PIXELS,
     PreprocessConfig,
     load_image,
+    load_uint8,
     normalize,
     preprocess,
     to_uint8,
@@ -344,3 +345,82 @@ def test_emoji_modes() -> None:
         a = rgba[..., 3:4]
         expected = ((rgba[..., :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
         np.testing.assert_array_equal(np.asarray(load_image(p, cfg)), expected)
+
+
+# --------------------------------------------------------------------------- load_uint8 (the copy-free path)
+
+
+def _mode_zoo(tmp_path: Path, size: tuple[int, int]) -> list[Path]:
+    """Files in many colour modes and containers, at ``size`` (W, H), some with EXIF orientation."""
+    rng = np.random.default_rng(7)
+    w, h = size
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgba = np.dstack([rgb, rng.integers(0, 256, (h, w), dtype=np.uint8)])
+    out: list[Path] = []
+
+    def save(img: Image.Image, name: str, fmt: str = "PNG", **kw: object) -> None:
+        p = tmp_path / name
+        img.save(p, fmt, **kw)
+        out.append(p)
+
+    save(Image.fromarray(rgb, "RGB"), "rgb.png")
+    save(Image.fromarray(rgba, "RGBA"), "rgba.png")
+    save(Image.fromarray(rgb, "RGB"), "rgb_transparency.png", transparency=tuple(int(v) for v in rgb[0, 0]))
+    save(Image.fromarray(rgb, "RGB").quantize(16), "p.png")
+    pt = Image.fromarray(rgb, "RGB").quantize(16)
+    save(pt, "p_transparency.png", transparency=3)
+    save(Image.fromarray(rgb[..., 0], "L"), "l.png")
+    save(Image.fromarray(np.dstack([rgb[..., 0], rgba[..., 3]]), "LA"), "la.png")
+    save(Image.fromarray((rng.integers(0, 65536, (h, w))).astype(np.uint16)), "i16.png")
+    save(Image.fromarray(rgb, "RGB").convert("CMYK"), "cmyk.jpg", "JPEG", quality=95)
+    save(Image.fromarray(rgb, "RGB"), "rgb.jpg", "JPEG", quality=90)
+    for orientation in (1, 3, 6, 8, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        save(Image.fromarray(rgb, "RGB"), f"rgb_exif{orientation}.png", exif=exif.tobytes())
+        save(Image.fromarray(rgba, "RGBA"), f"rgba_exif{orientation}.png", exif=exif.tobytes())
+        save(Image.fromarray(rgb, "RGB"), f"rgb_exif{orientation}.jpg", "JPEG", quality=90, exif=exif.tobytes())
+    frames = [Image.fromarray(rgb, "RGB"), Image.fromarray(255 - rgb, "RGB")]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    out.append(tmp_path / "anim.png")
+    return out
+
+
+@pytest.mark.parametrize("exif_transpose", [True, False])
+@pytest.mark.parametrize("size", [(6, 8), (5, 7), (8, 6)])  # (W, H): CFG's size (no resize), smaller, rotated
+def test_load_uint8_is_bit_identical_to_load_image_and_to_uint8(tmp_path: Path, size: tuple[int, int],
+                                                               exif_transpose: bool) -> None:
+    cfg = PreprocessConfig(**{**CFG.__dict__, "exif_transpose": exif_transpose})
+    files = _mode_zoo(tmp_path, size)
+    for p in files:
+        want = to_uint8(load_image(p, cfg), cfg)
+        for src in (p, str(p), p.read_bytes()):
+            got = load_uint8(src, cfg)
+            assert got.dtype == np.uint8 and got.shape == (8, 6, 3) and got.flags.c_contiguous, p.name
+            np.testing.assert_array_equal(got, want, err_msg=p.name)
+    # and the batch function, which goes through load_uint8
+    np.testing.assert_array_equal(preprocess(files, cfg), normalize(np.stack([to_uint8(load_image(p, cfg), cfg)
+                                                                              for p in files]), cfg))
+
+
+def test_load_uint8_errors_match_load_image(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "truncated.png").write_bytes(_noise_png(tmp_path / "full.png")[:200])
+    for name in ("empty.png", "junk.png", "dir.png", "truncated.png", "missing.png"):
+        p = tmp_path / name
+        with pytest.raises(ImageError) as old:
+            load_image(p, CFG)
+        with pytest.raises(ImageError) as new:
+            load_uint8(p, CFG)
+        assert str(new.value) == str(old.value) and name in str(new.value)
+
+
+@pytest.mark.skipif(not (EMOJI / "captions.csv").is_file(), reason="shared emoji data set not present")
+def test_load_uint8_on_real_files() -> None:
+    cfg = PreprocessConfig(size=(64, 64), resize_filter="bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    with open(EMOJI / "captions.csv", newline="", encoding="utf-8") as f:
+        paths = [EMOJI / row["filepath"] for i, row in zip(range(300), csv.DictReader(f))]
+    for p in paths:
+        np.testing.assert_array_equal(load_uint8(p, cfg), to_uint8(load_image(p, cfg), cfg), err_msg=str(p))

@@ -356,7 +356,7 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
     from mmedge.errors import ImageError, TextError
     from mmedge.runtime.encoders import ImageEncoder, TextEncoder
     from mmedge.runtime.index import Item
-    from mmedge.runtime.preprocess import load_image, normalize, to_uint8
+    from mmedge.runtime.preprocess import load_uint8, normalize
 
     enc = ImageEncoder(bundle, threads=threads) if modality == "image" else TextEncoder(bundle, threads=threads)
     todo = []
@@ -401,7 +401,7 @@ def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Opti
                 ok, arrays = [], []
                 for p in chunk:
                     try:
-                        arrays.append(to_uint8(load_image(p.image, cfg), cfg))
+                        arrays.append(load_uint8(p.image, cfg))
                         ok.append(p)
                     except ImageError as e:
                         if not skip_bad:

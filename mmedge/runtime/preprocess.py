@@ -11,7 +11,9 @@ Every image goes through the same three steps, whoever calls them:
 3. :func:`normalize` turns ``(B, H, W, 3) uint8`` into ``(B, 3, H, W) float32`` as
    ``(x / 255 - mean) / std``.
 
-:func:`preprocess` chains them for a batch. The result depends only on the decoded pixels and
+:func:`load_uint8` is steps 1 and 2 for one source, without the intermediate copies for a
+file that is already plain 8-bit RGB or RGBA at ``cfg.size`` (same pixels); :func:`preprocess`
+chains them for a batch. The result depends only on the decoded pixels and
 the config, so it is deterministic across runs and machines (same Pillow and numpy versions).
 
 Colour-mode rules (documented because they change pixels):
@@ -215,8 +217,13 @@ def _check_pixels(img: Image.Image, name: str) -> None:
         )
 
 
-def _open_and_convert(fp: IO[bytes], name: str, cfg: PreprocessConfig) -> Image.Image:
+def _open_and_convert(fp: IO[bytes], name: str, cfg: PreprocessConfig, finish: Any = None) -> Any:
+    """Open, check and decode ``fp``; ``finish(im, cfg, name)`` (default :func:`_to_rgb`) turns
+    the loaded image into the result, inside the same error handling."""
     from PIL import Image, UnidentifiedImageError
+
+    if finish is None:
+        finish = _to_rgb
 
     try:
         # Image.open reads the header only; the pixel limit is checked before decoding.
@@ -229,7 +236,7 @@ def _open_and_convert(fp: IO[bytes], name: str, cfg: PreprocessConfig) -> Image.
             if getattr(im, "is_animated", False):  # GIF, APNG, WebP...: the first frame
                 im.seek(0)
             im.load()
-            return _to_rgb(im, cfg, name)
+            return finish(im, cfg, name)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -270,32 +277,78 @@ def load_image(src: ImageSource, cfg: PreprocessConfig) -> Image.Image:
             raise ImageError(f"cannot read image {name}: it is empty (0 bytes)")
         return _open_and_convert(io.BytesIO(bytes(src)), name, cfg)
     if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        try:
-            if path.is_dir():
-                raise ImageError(f"cannot read image {name}: it is a directory")
-            fh = open(path, "rb")  # noqa: SIM115 - closed below
-        except ImageError:
-            raise
-        except FileNotFoundError as exc:
-            raise ImageError(f"cannot read image {name}: no such file") from exc
-        except PermissionError as exc:
-            raise ImageError(f"cannot read image {name}: permission denied") from exc
-        except OSError as exc:
-            raise ImageError(f"cannot read image {name}: {exc.strerror or exc}") from exc
-        with fh:
-            try:
-                size = os.fstat(fh.fileno()).st_size
-            except OSError:
-                size = -1
-            if size == 0:
-                raise ImageError(f"cannot read image {name}: it is empty (0 bytes)")
-            return _open_and_convert(fh, name, cfg)
+        return _load_path(src, name, cfg, _to_rgb)
     if hasattr(src, "read"):
         return _open_and_convert(src, name, cfg)  # type: ignore[arg-type]
     raise ImageError(
         f"cannot read image {name}: expected a path, bytes, a binary file or a PIL image, got {type(src).__name__}"
     )
+
+
+def _load_path(src: str | os.PathLike, name: str, cfg: PreprocessConfig, finish: Any) -> Any:
+    """Open the file ``src`` with :func:`load_image`'s checks and messages, then decode it."""
+    path = Path(src)
+    try:
+        if path.is_dir():
+            raise ImageError(f"cannot read image {name}: it is a directory")
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except ImageError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"cannot read image {name}: no such file") from exc
+    except PermissionError as exc:
+        raise ImageError(f"cannot read image {name}: permission denied") from exc
+    except OSError as exc:
+        raise ImageError(f"cannot read image {name}: {exc.strerror or exc}") from exc
+    with fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+        except OSError:
+            size = -1
+        if size == 0:
+            raise ImageError(f"cannot read image {name}: it is empty (0 bytes)")
+        return _open_and_convert(fh, name, cfg, finish)
+
+
+#: EXIF orientations that ImageOps.exif_transpose acts on (any other value leaves the image as is).
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = frozenset(range(2, 9))
+
+
+def _fast_uint8(im: Image.Image, cfg: PreprocessConfig, name: str) -> Any:
+    """The common case without copies: an 8-bit ``RGB`` (without a ``transparency`` entry) or
+    ``RGBA`` image already of ``cfg.size`` and without a transposing EXIF orientation becomes
+    ``(H, W, 3) uint8`` directly; anything else goes through :func:`_to_rgb` (a PIL image is
+    returned). The pixels are the same as ``to_uint8(_to_rgb(im))``: for these images
+    exif_transpose and convert only copy, and the alpha composite is the same arithmetic."""
+    h, w = cfg.size
+    mode = im.mode
+    if im.size == (w, h) and (mode == "RGBA" or (mode == "RGB" and "transparency" not in im.info)):
+        transposing = False
+        if cfg.exif_transpose:
+            try:
+                transposing = im.getexif().get(_EXIF_ORIENTATION_TAG, 1) in _TRANSPOSING_ORIENTATIONS
+            except Exception:  # noqa: BLE001 - unreadable EXIF: the general path logs and ignores it
+                transposing = True
+        if not transposing:
+            arr = np.asarray(im, dtype=np.uint8)
+            if mode == "RGBA":
+                return _composite(arr, cfg.alpha_background)
+            return np.ascontiguousarray(arr)
+    return _to_rgb(im, cfg, name)
+
+
+def load_uint8(src: ImageSource, cfg: PreprocessConfig) -> np.ndarray:
+    """``to_uint8(load_image(src, cfg), cfg)``: one image source -> ``(H, W, 3) uint8``.
+
+    Same pixels, errors and messages, but a file that is already plain 8-bit RGB or RGBA at
+    ``cfg.size`` (the usual case when indexing a folder of model-sized images) is turned into
+    the array without the intermediate image copies.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        out = _load_path(src, _describe(src), cfg, _fast_uint8)
+        return out if isinstance(out, np.ndarray) else to_uint8(out, cfg)
+    return to_uint8(load_image(src, cfg), cfg)
 
 
 def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
@@ -402,5 +455,5 @@ def preprocess(images: Sequence[ImageSource] | ImageSource, cfg: PreprocessConfi
     h, w = cfg.size
     if len(images) == 0:  # type: ignore[arg-type]
         return np.zeros((0, 3, h, w), dtype=np.float32)
-    stack = np.stack([to_uint8(load_image(src, cfg), cfg) for src in images])  # type: ignore[union-attr]
+    stack = np.stack([load_uint8(src, cfg) for src in images])  # type: ignore[union-attr]
     return normalize(stack, cfg)
