@@ -364,6 +364,11 @@ def markdown(r: dict) -> str:
         f"({r['items_removed']:,} removed and {r['items_added']:,} added in all); a save every "
         f"{c['save_every']:,} queries ({r['saves']} saves, {r['save_s_mean']} s each on average).",
         "",
+        "Reading the recall column: random unit vectors in 64 dimensions have no cluster structure, the "
+        "hardest case for any graph index, so their absolute recall@10 at the default parameters is low; "
+        "the soak watches it for drift under churn, not for its level. Recall on real embeddings at the "
+        "same defaults is in perf.md (>= 0.999 at 100k and 1M items).",
+        "",
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, shared with other jobs: load average "
         f"{' / '.join(f'{x:.2f}' for x in m['load_average_start'])} (1/5/15 min) at the start, "
         f"{' / '.join(f'{x:.2f}' for x in r['load_average_end'])} at the end. {m['platform']}.",
