@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 import quality_data as qd  # noqa: E402
 
-LEGACY = ["image.arch=conv4", "image.blocks=1", "stage2.multi_positive=0", "stage2.alt_prob=0",
+LEGACY = ["image.arch=conv4", "image.width=16", "image.blocks=1", "stage2.multi_positive=0", "stage2.alt_prob=0",
           "stage2.aug_scale=0", "stage2.aug_translate=0", "stage2.aug_rotate=0", "stage2.aug_blur=0"]
 AUG1 = ["stage2.aug_scale=0.15", "stage2.aug_translate=0.08", "stage2.aug_rotate=10", "stage2.aug_blur=0.2"]
 ALT = ["stage2.multi_positive=1", "stage2.alt_prob=0.3"]
@@ -63,8 +63,15 @@ EXPERIMENTS: list[tuple[str, list[str]]] = [
     # of its own (style) training pairs; the fit on the val training pairs is reported from here on
     ("patch16-20ep-vocab1500", B256 + PATCH16 + ALT + ["stage2.epochs=20", "text.tokenizer_vocab=1500"]),
     ("patch16-20ep-batch64", PATCH16 + ALT + ["stage2.epochs=20", "stage2.batch_size=64"]),
-    ("conv4-20ep-batch64", ALT + ["image.arch=conv4", "stage2.epochs=20", "stage2.batch_size=64"]),
-    ("patch16-30ep-batch128", PATCH16 + ALT + ["stage2.epochs=30", "stage2.batch_size=128"]),  # TrainConfig()
+    ("conv4-20ep-batch64", ALT + ["image.arch=conv4", "image.width=16", "stage2.epochs=20", "stage2.batch_size=64"]),
+    ("patch16-30ep-batch128", PATCH16 + ALT + ["stage2.epochs=30", "stage2.batch_size=128"]),  # TrainConfig() until conv4w32 below
+    # wider / deeper image towers with more optimiser steps
+    ("conv4w32-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "stage2.epochs=30",
+                                     "stage2.batch_size=64"]),  # TrainConfig() from here on
+    ("patch16b1-30ep-batch64", PATCH16[:2] + ALT + ["image.blocks=1", "stage2.epochs=30", "stage2.batch_size=64"]),
+    ("conv4w48-30ep-batch64", ALT + ["image.arch=conv4", "image.width=48", "stage2.epochs=30", "stage2.batch_size=64"]),
+    ("conv4w32-text128-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "text.width=128", "stage2.epochs=30",
+                                             "stage2.batch_size=64"]),
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with

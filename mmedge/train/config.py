@@ -15,12 +15,12 @@ from mmedge.errors import TrainError
 @dataclass
 class ImageTowerConfig:
     image_size: int = 64  # input side in pixels (images are resized to this)
-    width: int = 16  # channels of the first conv; doubled at the 2nd and 3rd stride-2 conv
+    width: int = 32  # channels of the first conv; doubled at the 2nd and 3rd stride-2 conv
     feature_dim: int = 256  # tower output (and autoencoder bottleneck) size
     # "conv4": four stride-2 3x3 convs, flattened; "patchres": 4x4 patch stem and residual
     # stages (see models.py), with `blocks` residual blocks per stage and `pool`
     # ("flatten", "mean" or "both") over the final S/16 grid
-    arch: str = "patchres"
+    arch: str = "conv4"
     blocks: int = 0
     pool: str = "flatten"
 
@@ -60,7 +60,7 @@ class Stage2Config:
     cca_reg: float = 1e-2  # CCA covariance ridge, relative to the mean eigenvalue
     cca_power: float = 1.0  # canonical directions weighted by correlation ** cca_power
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05  # linear warm-up, then cosine decay
