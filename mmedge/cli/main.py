@@ -345,13 +345,9 @@ def _pairs_or_images(data: Path, skip_bad: bool):  # -> list[Pair]
 def _add_pairs(idx, bundle, pairs, modality: str, batch_size: int, threads: Optional[int], skip_bad: bool,
                progress: bool, upsert: bool = False) -> tuple[int, int]:
     """Encode pairs in batches and add them; returns (added, skipped)."""
-    from mmedge.errors import ImageError
-    from mmedge.runtime.encoders import ImageEncoder, TextEncoder
-    from mmedge.runtime.index import Item
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     import numpy as np
-
-    from concurrent.futures import Future, ThreadPoolExecutor
 
     from mmedge.errors import ImageError, TextError
     from mmedge.runtime.encoders import ImageEncoder, TextEncoder
