@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
 
         typer_main(args)
         return
+    # numpy is only glue on this path (no large matrix products): one OpenBLAS thread skips
+    # starting its thread pool when numpy is imported, a measurable part of a cold query
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from mmedge.errors import MmedgeError
 
     try:
