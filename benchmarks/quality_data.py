@@ -103,6 +103,12 @@ def write_protocol_csvs(out: Path, root: Path = DEFAULT_ROOT, max_rows: int | No
                       and not _val_holdout(r["base_id"])],
         "val_test": [r for r in rows if r["vendor"] == "twitter" and r["split"] == "train"
                      and _val_holdout(r["base_id"])],
+        # artwork-style transfer on seen concepts without any protocol's test image as a query:
+        # train on google artwork of the val training concepts, evaluate on their twitter artwork
+        "valstyle_train": [r for r in rows if r["vendor"] == "google" and r["split"] == "train"
+                           and not _val_holdout(r["base_id"])],
+        "valstyle_test": [r for r in rows if r["vendor"] == "twitter" and r["split"] == "train"
+                          and not _val_holdout(r["base_id"])],
     }
     paths = {}
     for name, rs in sel.items():

@@ -72,6 +72,22 @@ EXPERIMENTS: list[tuple[str, list[str]]] = [
     ("conv4w48-30ep-batch64", ALT + ["image.arch=conv4", "image.width=48", "stage2.epochs=30", "stage2.batch_size=64"]),
     ("conv4w32-text128-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "text.width=128", "stage2.epochs=30",
                                              "stage2.batch_size=64"]),
+    # position-free pooling (artwork styles place the same parts differently)
+    ("conv4w32mean-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "image.pool=mean", "stage2.epochs=30",
+                                         "stage2.batch_size=64"]),
+    ("conv4w32both-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "image.pool=both", "stage2.epochs=30",
+                                         "stage2.batch_size=64"]),
+    # lower input resolution (fine artwork detail is style, coarse colour layout is content)
+    ("conv4w32-32px-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "image.image_size=32",
+                                          "stage2.epochs=30", "stage2.batch_size=64"]),
+    ("conv4w32-48px-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "image.image_size=48",
+                                          "stage2.epochs=30", "stage2.batch_size=64"]),
+    # regularisation against memorising one artwork style
+    ("conv4w32-strongaug-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "stage2.aug_scale=0.35",
+                                               "stage2.aug_translate=0.15", "stage2.aug_rotate=25", "stage2.aug_blur=0.5",
+                                               "stage2.epochs=30", "stage2.batch_size=64"]),
+    ("conv4w32-wd0.3-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "stage2.weight_decay=0.3",
+                                           "stage2.epochs=30", "stage2.batch_size=64"]),
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with
@@ -139,13 +155,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--low", action="store_true", help="the 10 %%-pair experiments")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--split", choices=["val", "valstyle"], default="val",
+                    help="val: held-out concepts (twitter); valstyle: the val training concepts, trained on "
+                         "google artwork and evaluated on twitter artwork (a new style, seen concepts)")
     args = ap.parse_args()
     import quality
 
     from mmedge.train.pipeline import train
 
     csvs = qd.write_protocol_csvs(args.out / "data", args.data)
-    tr, test = qd.load(csvs["val_train"]), csvs["val_test"]
+    tr, test = qd.load(csvs[f"{args.split}_train"]), csvs[f"{args.split}_test"]
     log = (args.out / "val.jsonl").open("a")
     if not args.low:
         for name, ov in EXPERIMENTS:
@@ -156,7 +175,7 @@ def main() -> int:
             t = time.perf_counter()
             train(tr, run, config(ov, args.threads))
             row = {"name": name, "overrides": ov, "train_s": round(time.perf_counter() - t), **evaluate(run, test),
-                   "fit": evaluate(run, csvs["val_train"])}
+                   "split": args.split, "fit": evaluate(run, csvs[f"{args.split}_train"])}
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")
         return 0
