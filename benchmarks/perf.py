@@ -56,12 +56,13 @@ NOTES: dict[str, tuple[str, str]] = {
     "speedup": (
         "the baseline is given its best setting (one torch thread; numpy exact search); mmedge's side is the "
         "text->image p50 (int8 text tower on one ONNX Runtime thread, HNSW at the defaults)",
-        "on a quiet machine the ratio is bounded by the text encoder, which both sides run: the baseline's 5.2 ms "
-        "at 100,000 items is about 1.8 ms of PyTorch-eager encoding plus 3.3 ms of exact search, mmedge's 0.76 ms "
-        "is about 0.6 ms of ONNX Runtime encoding plus 0.05 ms of HNSW search and the metadata; 20x would need "
-        "mmedge at 0.26 ms, below its encoder alone (earlier runs on a loaded machine showed 16x because load "
-        "hurt the baseline more; at 1,000,000 items, where exact search dominates, the ratio is 30x). Next: a "
-        "cheaper text tower (attention-fused graph, or a pooled-embedding tower where quality allows)"),
+        "on a quiet machine the ratio is bounded by the text encoder, which both sides run: the baseline at "
+        "100,000 items is about 1.8 ms of PyTorch-eager encoding plus about 3.5 ms of exact search, mmedge about "
+        "0.6-0.7 ms of ONNX Runtime encoding plus about 0.05 ms of HNSW search and the metadata (see Encoders and "
+        "Index libraries); 20x would need mmedge under 0.3 ms, below its encoder alone (runs on a loaded machine "
+        "showed 16x because load hurt the baseline more; at 1,000,000 items, where exact search dominates, the "
+        "ratio is in the table above). Next: a cheaper text tower (attention-fused graph, or a pooled-embedding "
+        "tower where quality allows)"),
     "peers": (
         "each peer at mmedge's M and ef_construction and at its own defaults, measured interleaved knob by knob",
         "faiss's HNSW with the same M and ef_construction answers 3-5 us sooner per query at equal recall "
@@ -97,12 +98,16 @@ NOTES: dict[str, tuple[str, str]] = {
         "normalise once per batch (and 9x faster, bit-identical), decode in the main thread while the previous "
         "batch is encoded and inserted in a worker thread, one non-spinning ONNX Runtime pool, cheaper HNSW "
         "insertion (ef_construction=100, M=16), decoding without intermediate copies for plain RGB/RGBA files at "
-        "the model's size (0.337 -> 0.287 ms per image), and a 2-process decoding pool (dropped: on 2 cores it was "
-        "slower, the workers' start-up and the encoder and HNSW insertion compete for the same cores)",
+        "the model's size (0.337 -> 0.287 ms per image), the dataset loaded with one Path per row (0.45 -> 0.25 s "
+        "per 10,000 rows); tried and dropped: a 2-process decoding pool and 2 decoding threads (slower on 2 cores: "
+        "Pillow's per-file work holds the GIL, and workers compete with the encoder and HNSW insertion), one "
+        "ONNX Runtime thread for the encoder during builds (no difference beyond noise)",
         "per image the CPU cost is about 0.25-0.3 ms of Pillow decoding (mostly Python-level per-file overhead), "
         "0.15-0.3 ms of encoding and 0.2 ms of HNSW insertion (see the index table's build times), so 2,000/s "
-        "needs nearly perfect use of both cores; a C-level batch PNG decoder or decoding in the loader of a "
-        "machine with more cores are what is left"),
+        "needs nearly perfect use of both cores. The same command rerun by hand between benchmark runs took "
+        "4.3-7.2 s for the 10,000 images (about 1,400-2,300 images/s), so the figure sits at the target and moves "
+        "with the machine's state; about 0.5 s of it is the CLI's start-up (typer and rich). Left: a C-level "
+        "PNG decoder, a lighter start-up for `index build`"),
     "rss": (
         "the graph check reads 4 MiB blocks instead of mapping the file, M=16 instead of 32 (660 instead of 788 "
         "bytes per item)",
