@@ -13,6 +13,16 @@ from torch import nn
 from mmedge.train.config import ImageTowerConfig, TextTowerConfig
 
 
+def _pool(h: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, C, g, g) -> features: ``"flatten"`` keeps the grid, ``"mean"`` averages it,
+    ``"both"`` concatenates the two."""
+    if mode == "flatten":
+        return h.flatten(1)
+    if mode == "mean":
+        return h.mean((2, 3))
+    return torch.cat([h.flatten(1), h.mean((2, 3))], 1)
+
+
 class _ConvFlatTower(nn.Module):
     """``arch="conv4"``: (B, 3, S, S) normalised pixels -> (B, feature_dim).
 
@@ -41,13 +51,7 @@ class _ConvFlatTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.convs(x)  # (B, 4w, S/16, S/16)
-        if self.pool == "flatten":
-            f = h.flatten(1)
-        elif self.pool == "mean":
-            f = h.mean((2, 3))
-        else:
-            f = torch.cat([h.flatten(1), h.mean((2, 3))], 1)
-        return self.fc(f)  # (B, F)
+        return self.fc(_pool(h, self.pool))  # (B, F)
 
 
 class _ConvFlatDecoder(nn.Module):
@@ -121,13 +125,7 @@ class _PatchResTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.body(self.stem(x)))  # (B, 4w, S/16, S/16)
-        if self.pool == "flatten":
-            f = h.flatten(1)
-        elif self.pool == "mean":
-            f = h.mean((2, 3))
-        else:
-            f = torch.cat([h.flatten(1), h.mean((2, 3))], 1)
-        return self.fc(f)  # (B, F)
+        return self.fc(_pool(h, self.pool))  # (B, F)
 
 
 class _PatchResDecoder(nn.Module):
