@@ -844,7 +844,10 @@ def main() -> None:
                     help="rewrite perf.md from --out's perf.json (targets and their notes recomputed; no measuring)")
     args = ap.parse_args()
     if args.report_only:
-        res = json.loads((args.out / "perf.json").read_text())
+        try:
+            res = json.loads((args.out / "perf.json").read_text())
+        except (OSError, ValueError) as exc:
+            sys.exit(f"perf.py: cannot read {args.out / 'perf.json'} ({exc}); run without --report-only first")
         res["targets"] = targets(res)
         D.save_json(args.out / "perf.json", res)
         (args.out / "perf.md").write_text(markdown(res))

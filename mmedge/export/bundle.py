@@ -134,7 +134,7 @@ def _quantize_text(src: Path, dst: Path, tmp: Path) -> None:
                      reduce_range=True)  # 7-bit weights: no int16 saturation without VNNI (see above)
 
 
-def _golden_png_bytes(px: np.ndarray) -> bytes:
+def _half_size_png(px: np.ndarray) -> bytes:
     """A held-out sample as a golden image: at half its size (box filter), so that the golden
     files stay small in every bundle and the golden check also runs the resize of the
     preprocessing (the runtime scales it back up to the model's input size)."""
@@ -263,7 +263,7 @@ def export(
         say("writing golden vectors")
         n_gold = min(4, len(samples_px))
         write_golden(stage, samples_txt[:4] + ["", "a text the tokenizer has never seen: zebra quartz"],
-                     [_golden_png_bytes(samples_px[i]) for i in range(n_gold)])
+                     [_half_size_png(samples_px[i]) for i in range(n_gold)])
         write_manifest(stage, manifest)
 
         if out.exists():
