@@ -88,6 +88,18 @@ EXPERIMENTS: list[tuple[str, list[str]]] = [
                                                "stage2.epochs=30", "stage2.batch_size=64"]),
     ("conv4w32-wd0.3-30ep-batch64", ALT + ["image.arch=conv4", "image.width=32", "stage2.weight_decay=0.3",
                                            "stage2.epochs=30", "stage2.batch_size=64"]),
+    # style augmentation (shading ramps, outlines, colour scaling) and MixStyle, against the
+    # style gap (checked with --split valstyle first, then --split val)
+    ("conv4w32-styleaug", ["stage2.aug_shade=0.5", "stage2.aug_outline=0.3", "stage2.aug_color=0.5"]),
+    ("conv4w32-mixstyle", ["image.mixstyle=0.5"]),
+    ("conv4w32-styleaug-mixstyle", ["stage2.aug_shade=0.5", "stage2.aug_outline=0.3", "stage2.aug_color=0.5",
+                                    "image.mixstyle=0.5"]),
+    ("conv4w32-styleaug-mixstyle-60ep", ["stage2.aug_shade=0.5", "stage2.aug_outline=0.3", "stage2.aug_color=0.5",
+                                         "image.mixstyle=0.5", "stage2.epochs=60"]),
+    ("conv4w32-styleaug-mixstyle-ema", ["stage2.aug_shade=0.5", "stage2.aug_outline=0.3", "stage2.aug_color=0.5",
+                                        "image.mixstyle=0.5", "stage2.ema=0.995"]),
+    ("conv4w32-styleaug+-mixstyle", ["stage2.aug_shade=0.8", "stage2.aug_outline=0.5", "stage2.aug_color=0.8",
+                                     "image.mixstyle=0.8"]),
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with
@@ -155,6 +167,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--low", action="store_true", help="the 10 %%-pair experiments")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--track", action="store_true",
+                    help="also score the held-out pairs after every stage-2 epoch (paired R@10, logged as 'curve')")
     ap.add_argument("--split", choices=["val", "valstyle"], default="val",
                     help="val: held-out concepts (twitter); valstyle: the val training concepts, trained on "
                          "google artwork and evaluated on twitter artwork (a new style, seen concepts)")
@@ -173,9 +187,18 @@ def main() -> int:
             run = args.out / "runs" / name
             shutil.rmtree(run, ignore_errors=True)
             t = time.perf_counter()
-            train(tr, run, config(ov, args.threads))
+            curve: list[list[float]] = []
+
+            def progress(stage: str, step: int, total: int, m: dict[str, float]) -> None:
+                if stage == "stage2" and "val_t2i_R@10" in m and (not curve or curve[-1][0] != step):
+                    curve.append([step, round(m["val_t2i_R@10"], 3), round(m["val_i2t_R@10"], 3)])
+
+            train(tr, run, config(ov, args.threads), val_data=qd.load(test) if args.track else None,
+                  on_progress=progress if args.track else None)
             row = {"name": name, "overrides": ov, "train_s": round(time.perf_counter() - t), **evaluate(run, test),
                    "split": args.split, "fit": evaluate(run, csvs[f"{args.split}_train"])}
+            if curve:
+                row["curve"] = curve
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")
         return 0

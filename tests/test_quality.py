@@ -91,7 +91,8 @@ def test_augmentation_moves_pixels_but_never_changes_colours():
     u8[:, 10:22, 10:22] = (255, 0, 0)
     pcfg = PreprocessConfig(size=(32, 32), resize_filter="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
     x = torch.from_numpy(pcfg.normalize(u8))
-    s2 = Stage2Config(aug_scale=0.2, aug_translate=0.1, aug_rotate=20.0, aug_blur=1.0)
+    s2 = Stage2Config(aug_scale=0.2, aug_translate=0.1, aug_rotate=20.0, aug_blur=1.0, aug_shade=0.0,
+                      aug_outline=0.0, aug_color=0.0)
     from mmedge.train.pipeline import _white
 
     y = augment_images(x, s2, _white(pcfg), torch.Generator().manual_seed(0))
@@ -102,8 +103,94 @@ def test_augmentation_moves_pixels_but_never_changes_colours():
     assert torch.allclose(rgb[:, 0], torch.ones_like(rgb[:, 0]), atol=1e-5)
     assert torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
     assert torch.allclose(rgb[:, :, 0, 0], torch.ones(4, 3), atol=1e-5)  # corners stay white
-    off = Stage2Config(aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0)
+    off = Stage2Config(aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0, aug_shade=0.0,
+                       aug_outline=0.0, aug_color=0.0)
     assert torch.equal(augment_images(x, off, _white(pcfg), torch.Generator()), x)
+
+
+def _two_tones() -> tuple[np.ndarray, PreprocessConfig]:
+    """Two squares of one hue, light and dark (like two skin tones), on white."""
+    u8 = np.full((16, 32, 32, 3), 255, np.uint8)
+    u8[:, 4:14, 4:14] = (240, 200, 160)
+    u8[:, 18:28, 18:28] = (120, 80, 40)
+    return u8, PreprocessConfig(size=(32, 32), resize_filter="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+
+
+def _style(u8: np.ndarray, pcfg: PreprocessConfig, seed: int, **probs: float) -> torch.Tensor:
+    """Style augmentation only, returned as 0..1 RGB (B, 3, H, W)."""
+    from mmedge.train.pipeline import _norm_stats, _white
+
+    kw = {"aug_shade": 0.0, "aug_outline": 0.0, "aug_color": 0.0, **probs}
+    s2 = Stage2Config(aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0, **kw)
+    x = torch.from_numpy(pcfg.normalize(u8))
+    mean, std = _norm_stats(pcfg)
+    y = augment_images(x, s2, _white(pcfg), torch.Generator().manual_seed(seed), (mean, std))
+    return y * std + mean
+
+
+def test_style_augmentation_changes_the_drawing_only_and_keeps_tone_order():
+    u8, pcfg = _two_tones()
+    orig = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0
+    bg = torch.zeros(32, 32, dtype=torch.bool)
+    bg[:, :] = True
+    bg[2:16, 2:16] = bg[16:30, 16:30] = False  # leave the squares and a 2-pixel rim out
+    for probs in ({"aug_shade": 1.0}, {"aug_color": 1.0}, {"aug_outline": 1.0},
+                  {"aug_shade": 1.0, "aug_color": 1.0, "aug_outline": 1.0}):
+        rgb = _style(u8, pcfg, 0, **probs)
+        assert rgb.min() >= 0.0 and rgb.max() <= 1.0
+        assert torch.allclose(rgb[:, :, bg], orig[:, :, bg], atol=1e-5), probs  # background untouched
+        assert not torch.allclose(rgb, orig, atol=1e-3), probs  # the drawing did change
+    # shading: every content pixel scaled by a factor within 0.6..1.4 of its colour
+    rgb = _style(u8, pcfg, 1, aug_shade=1.0)
+    ratio = rgb[:, :, 5:13, 5:13] / orig[:, :, 5:13, 5:13]
+    assert ratio.min() >= 0.6 - 1e-4 and ratio.max() <= 1.4 + 1e-4
+    # colour scaling: the same hue keeps its order of lightness (mean of R, G, B)
+    for seed in range(5):
+        rgb = _style(u8, pcfg, seed, aug_color=1.0)
+        light, dark = rgb[:, :, 8, 8].mean(1), rgb[:, :, 22, 22].mean(1)
+        assert (light > dark).all()
+    # outlines: the edge of a square gets darker, its inside keeps its colour
+    rgb = _style(u8, pcfg, 2, aug_outline=1.0)
+    assert (rgb[:, :, 4, 8].sum(1) < orig[:, :, 4, 8].sum(1) - 0.1).all()
+    assert torch.allclose(rgb[:, :, 8, 8], orig[:, :, 8, 8], atol=1e-5)
+    # the same generator seed gives the same augmentation
+    assert torch.equal(_style(u8, pcfg, 3, aug_shade=1.0, aug_color=1.0, aug_outline=0.5),
+                       _style(u8, pcfg, 3, aug_shade=1.0, aug_color=1.0, aug_outline=0.5))
+
+
+def test_mixstyle_mixes_feature_statistics_in_training_only():
+    from mmedge.train.config import ImageTowerConfig
+    from mmedge.train.models import ImageTower, mix_style
+
+    torch.manual_seed(0)
+    h = torch.randn(8, 4, 5, 5) * torch.arange(1, 9).float()[:, None, None, None] + torch.arange(8).float()[:, None,
+                                                                                                             None, None]
+    out = mix_style(h, 1.0)
+    mu, mu_out = h.mean((2, 3)), out.mean((2, 3))
+    assert not torch.allclose(out, h)
+    # each sample's new channel means lie between the batch's smallest and largest
+    assert (mu_out >= mu.min(0).values - 1e-4).all() and (mu_out <= mu.max(0).values + 1e-4).all()
+    assert torch.equal(mix_style(h, 0.0), h)
+    cfg = ImageTowerConfig(image_size=32, width=4, feature_dim=8, mixstyle=1.0)
+    tower = ImageTower(cfg)
+    plain = ImageTower(ImageTowerConfig(image_size=32, width=4, feature_dim=8))
+    plain.load_state_dict(tower.state_dict())  # MixStyle adds no weights
+    x = torch.randn(6, 3, 32, 32)
+    tower.eval(), plain.eval()
+    assert torch.equal(tower(x), plain(x))  # inference (and so the exported graph) is unchanged
+    tower.train()
+    assert not torch.allclose(tower(x), plain(x))
+
+
+def test_weight_averaging_ends_with_the_averaged_weights(tmp_path, synthetic_data, make_tiny_config):
+    cfg = make_tiny_config(epochs=1, ema=0.9)
+    train(synthetic_data["train"], tmp_path / "run", cfg)
+    ck = torch.load(tmp_path / "run" / "stage2" / "checkpoint.pt", weights_only=True)
+    model, *_ = load_run(tmp_path / "run")
+    final = model.state_dict()
+    ema = {k: v for k, v in ck["modules"]["ema"].items() if not k.startswith("pca_")}
+    assert all(torch.equal(final[k], ema[k]) for k in ema)
+    assert not all(torch.equal(ck["modules"]["model"][k], ema[k]) for k in ema)
 
 
 # ----------------------------------------------------------------------------- CCA

@@ -23,6 +23,11 @@ class ImageTowerConfig:
     arch: str = "conv4"
     blocks: int = 0
     pool: str = "flatten"
+    # MixStyle (Zhou et al., 2021) after the first two convs of conv4: with this probability
+    # per training batch, each image's per-channel feature mean and std are mixed with those
+    # of another image in the batch, so the tower cannot key on one artwork's rendering
+    # statistics. Training only; the exported graph does not contain it.
+    mixstyle: float = 0.0
 
 
 @dataclass
@@ -92,9 +97,20 @@ class Stage2Config:
     aug_translate: float = 0.12
     aug_rotate: float = 15.0
     aug_blur: float = 0.2
+    # Style augmentation (probabilities per image), on the drawn content only, never on the
+    # background: aug_shade multiplies it by a random linear brightness ramp (up to +-40 %,
+    # the shading some artwork styles draw); aug_outline darkens its colour edges (outlines);
+    # aug_color scales brightness, contrast and saturation by up to 15/20/30 % (every colour
+    # alike, so the order of skin tones is kept).
+    aug_shade: float = 0.0
+    aug_outline: float = 0.0
+    aug_color: float = 0.0
     # Hard negatives: beta > 0 re-weights in-batch negatives by exp(beta * similarity)
     # (Robinson et al., 2021), so near misses weigh more in the loss.
     hard_negative_beta: float = 0.0
+    # Weight averaging: > 0 keeps an exponential moving average of the weights with this
+    # decay per step and ends with it instead of the last weights (0.995: ~200 steps).
+    ema: float = 0.0
 
 
 @dataclass

@@ -23,6 +23,23 @@ def _pool(h: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.cat([h.flatten(1), h.mean((2, 3))], 1)
 
 
+def mix_style(h: torch.Tensor, p: float, alpha: float = 0.1) -> torch.Tensor:
+    """MixStyle: with probability ``p``, normalise each (B, C, H, W) feature map by its own
+    per-channel mean and std and re-scale it with a Beta(alpha, alpha) mix of its own and a
+    random other sample's statistics (statistics carry no gradient, as in the paper)."""
+    b = h.shape[0]
+    if b < 2 or torch.rand(()) >= p:
+        return h
+    mu = h.mean((2, 3), keepdim=True)
+    sig = (h.var((2, 3), keepdim=True) + 1e-6).sqrt()
+    mu, sig = mu.detach(), sig.detach()
+    lam = torch.distributions.Beta(alpha, alpha).sample((b, 1, 1, 1))
+    perm = torch.randperm(b)
+    mu2 = lam * mu + (1 - lam) * mu[perm]
+    sig2 = lam * sig + (1 - lam) * sig[perm]
+    return (h - mu) / sig * sig2 + mu2
+
+
 class _ConvFlatTower(nn.Module):
     """``arch="conv4"``: (B, 3, S, S) normalised pixels -> (B, feature_dim).
 
@@ -48,10 +65,15 @@ class _ConvFlatTower(nn.Module):
         self.pool = cfg.pool
         self.fc = nn.Linear(n[cfg.pool], cfg.feature_dim)
         self.out_channels = c
+        self.mixstyle = cfg.mixstyle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.convs(x)  # (B, 4w, S/16, S/16)
-        return self.fc(_pool(h, self.pool))  # (B, F)
+        h = x
+        for i, layer in enumerate(self.convs):
+            h = layer(h)
+            if i in (1, 3) and self.training and self.mixstyle:
+                h = mix_style(h, self.mixstyle)
+        return self.fc(_pool(h, self.pool))  # (B, F), h: (B, 4w, S/16, S/16)
 
 
 class _ConvFlatDecoder(nn.Module):

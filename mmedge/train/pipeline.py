@@ -18,6 +18,7 @@ seed) are unchanged is reused, so changing only stage 2 does not re-run stage 1.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -163,6 +164,7 @@ def _run_epochs(
     step: Callable[[Any], dict[str, torch.Tensor]],
     on_progress: ProgressFn | None,
     end_of_epoch: Callable[[int], dict[str, float]] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Generic resumable loop: checkpoint after every epoch, resume from the last one."""
     start = 0
@@ -189,6 +191,8 @@ def _run_epochs(
             opt.zero_grad(set_to_none=True)
             losses.get("loss_backward", losses["loss"]).backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             # logged values: each rank's share is defined so that the mean over ranks is
             # the global figure (see the stage steps)
             last = {k: _CTX.mean(float(v.detach())) for k, v in losses.items() if k != "loss_backward"}
@@ -364,11 +368,63 @@ def _blur3(x: torch.Tensor) -> torch.Tensor:
     return (h[..., :-2, :] + 2.0 * h[..., 1:-1, :] + h[..., 2:, :]) * (1.0 / 16.0)
 
 
-def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Colour-keeping augmentation of normalised pixels (B, 3, S, S): random zoom, shift and
-    rotation on the background colour, and an occasional 3x3 blur. Colours are never
-    changed (no hue, saturation or brightness jitter), so skin tones keep their meaning."""
+def _norm_stats(pcfg: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the pixel normalisation, each (1, 3, 1, 1)."""
+    return (torch.tensor(pcfg.mean, dtype=torch.float32)[None, :, None, None],
+            torch.tensor(pcfg.std, dtype=torch.float32)[None, :, None, None])
+
+
+def _uses_style_aug(s2: Any) -> bool:
+    return bool(s2.aug_shade or s2.aug_outline or s2.aug_color)
+
+
+def _style_augment(x: torch.Tensor, s2: Any, background: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
+                   g: torch.Generator) -> torch.Tensor:
+    """Shading ramps, colour scaling and outlines (see Stage2Config) on the drawn content of
+    normalised pixels (B, 3, S, S); pixels of the background colour stay as they are."""
+    mean, std = norm
+    b, _, hgt, wid = x.shape
+    v = x * std + mean  # 0..1
+    bg = background * std + mean
+    content = ((v - bg).abs().sum(1, keepdim=True) > 0.03).to(x.dtype)  # (B, 1, H, W)
+    if s2.aug_shade:
+        on = (torch.rand(b, generator=g) < s2.aug_shade).to(x.dtype)
+        ang = torch.rand(b, generator=g) * (2.0 * math.pi)
+        amp = (torch.rand(b, generator=g) * 0.8 - 0.4) * on
+        ys = torch.linspace(-1.0, 1.0, hgt).view(1, hgt, 1)
+        xs = torch.linspace(-1.0, 1.0, wid).view(1, 1, wid)
+        ramp = torch.cos(ang).view(b, 1, 1) * xs + torch.sin(ang).view(b, 1, 1) * ys  # (B, H, W)
+        v = v * (1.0 + content * (amp.view(b, 1, 1) * ramp)[:, None])
+    if s2.aug_color:
+        on = (torch.rand(b, generator=g) < s2.aug_color).to(x.dtype).view(b, 1, 1, 1)
+        u = torch.rand(b, 3, generator=g) * 2.0 - 1.0
+        bri, con, sat = ((1.0 + f * u[:, i]).view(b, 1, 1, 1) for i, f in enumerate((0.15, 0.2, 0.3)))
+        grey = v.mean(1, keepdim=True)
+        avg = (grey * content).sum((2, 3), keepdim=True) / content.sum((2, 3), keepdim=True).clamp(min=1.0)
+        w = ((grey + sat * (v - grey)) - avg) * con * bri + avg * bri
+        v = v + on * content * (w - v)
+    if s2.aug_outline:
+        on = (torch.rand(b, generator=g) < s2.aug_outline).to(x.dtype).view(b, 1, 1, 1)
+        lum = v.mean(1, keepdim=True)
+        spread = F.max_pool2d(lum, 3, 1, 1) + F.max_pool2d(-lum, 3, 1, 1)  # local max - min
+        rim = F.max_pool2d(content, 3, 1, 1) - content  # background pixels touching the drawing
+        edge = ((spread > 0.2).to(x.dtype) * content + rim).clamp(max=1.0)
+        strength = (0.4 + 0.5 * torch.rand(b, generator=g)).view(b, 1, 1, 1)
+        v = v * (1.0 - on * strength * edge)
+    return (v.clamp(0.0, 1.0) - mean) / std
+
+
+def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.Generator,
+                   norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Augmentation of normalised pixels (B, 3, S, S): random zoom, shift and rotation on the
+    background colour, an occasional 3x3 blur, and the optional style augmentation
+    (``norm`` = (mean, std) of the normalisation, needed for it). Hues are never changed,
+    so skin tones keep their meaning."""
     b = x.shape[0]
+    if _uses_style_aug(s2):
+        if norm is None:
+            raise ValueError("style augmentation needs the normalisation (mean, std)")
+        x = _style_augment(x, s2, background, norm, g)
     if s2.aug_scale or s2.aug_translate or s2.aug_rotate:
         u = torch.rand(b, 4, generator=g) * 2.0 - 1.0
         zoom = 1.0 + s2.aug_scale * u[:, 0]  # > 1 enlarges the content
@@ -466,8 +522,9 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
         (unpaired.ids, unpaired.pixels[:: max(1, len(unpaired.pixels) // 256)], len(unpaired.pixels))
         if adv_unpaired else None]
     key = _digest("stage2", s2, cfg.image, cfg.text, cfg.seed, init_key, train.ids, n, *extra_key)
-    augment = bool(s2.aug_scale or s2.aug_translate or s2.aug_rotate or s2.aug_blur)
+    augment = bool(s2.aug_scale or s2.aug_translate or s2.aug_rotate or s2.aug_blur) or _uses_style_aug(s2)
     background = _white(pcfg)
+    norm = _norm_stats(pcfg)
     n_alt = np.diff(alts.start) if use_alts else None
 
     def batches(epoch: int) -> Iterator[Any]:
@@ -476,7 +533,7 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
         for idx in _batches(n, bs, cfg.seed, 3, epoch, drop_last=True):
             px = _normalize(train.pixels[idx], pcfg)
             if augment:
-                px = augment_images(px, s2, background, g)
+                px = augment_images(px, s2, background, g, norm)
             ids, mask = train.ids[idx], train.mask[idx]
             if use_alts:
                 assert alts is not None and n_alt is not None
@@ -501,7 +558,7 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
                 ut = rng.integers(0, len(unpaired.ids), ub) if len(unpaired.ids) else None
                 upx = _normalize(unpaired.pixels[ui], pcfg) if ui is not None else None
                 if upx is not None and augment:
-                    upx = augment_images(upx, s2, background, g)
+                    upx = augment_images(upx, s2, background, g, norm)
                 utx = _trim(unpaired.ids[ut], unpaired.mask[ut]) if ut is not None else None
                 extra = (upx, utx)
             yield px, tid, tmask, cid, extra
@@ -535,14 +592,32 @@ def _stage2(cfg: TrainConfig, train: Tensors, val: Tensors | None, pcfg: Preproc
                 out["loss_backward"] = clip * _CTX.loss_scale + s2.adv_weight * adv
         return out
 
+    # weight averaging: an exponential moving average of the weights, checkpointed with the
+    # run, replaces them at the end (and is what the per-epoch validation scores)
+    ema: DualEncoder | None = None
+    if s2.ema:
+        ema = copy.deepcopy(model)
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        modules["ema"] = ema
+
+    @torch.no_grad()
+    def ema_update() -> None:
+        assert ema is not None
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - s2.ema)
+
     def end_of_epoch(epoch: int) -> dict[str, float]:
         if val is None or len(val.pixels) < 2:
             return {}
-        img, txt = embed_all(model, val, pcfg, use_pca=False)
+        img, txt = embed_all(ema if ema is not None else model, val, pcfg, use_pca=False)
         return quick_recall(img, txt)
 
     _run_epochs("stage2", run / "stage2" / "checkpoint.pt", key, modules, opt, s2.epochs, spe, s2.lr,
-                s2.warmup_frac, batches, step, on_progress, end_of_epoch)
+                s2.warmup_frac, batches, step, on_progress, end_of_epoch,
+                after_step=ema_update if ema is not None else None)
+    if ema is not None:
+        model.load_state_dict(ema.state_dict())
     model.eval()
     return model
 
