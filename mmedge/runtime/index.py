@@ -66,6 +66,7 @@ exactly the item store's.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -333,14 +334,16 @@ def _inspect_hnsw_file(path: Path, dim: int) -> _HnswFileInfo:
     end = len(tail)
     words = np.frombuffer(tail, dtype="<u4", count=end // 4)
     nw = len(words)
-    nonzero = np.flatnonzero(words)
+    # plain Python ints and bisect: a numpy call per element costs several times more
+    nonzero = np.flatnonzero(words).tolist()
+    n_nonzero = len(nonzero)
     elems: list[int] = []
     heads: list[int] = []
     pos = 0  # word index of the next element's byte count
     i = 0
     while i < cur:
-        k = int(np.searchsorted(nonzero, pos))
-        q = int(nonzero[k]) if k < len(nonzero) else nw
+        k = bisect.bisect_left(nonzero, pos)
+        q = nonzero[k] if k < n_nonzero else nw
         if q - pos >= cur - i:  # the remaining elements have no upper levels
             pos += cur - i
             break
