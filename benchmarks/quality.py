@@ -300,12 +300,14 @@ def subset(train, fraction: float, seed: int):
     return LoadResult(paired, [], train.source), images, list(dict.fromkeys(texts))
 
 
-def tasks(protocols: list[str], seeds: list[int], fraction: float) -> list[list[dict[str, Any]]]:
+def tasks(protocols: list[str], seeds: list[int], fraction: float,
+          only_default: bool = False) -> list[list[dict[str, Any]]]:
     """The measurements in three phases; a phase's tasks are independent of each other.
     1: (b), whose stage-1 towers (trained on every training image and text: stage 1 never
     sees the pairing) are shared with (d) and (e) in both regimes, (a) and (c);
     2: (d), (e) on all pairs, and (c), (d), (e) on the low-pair subsets;
-    3: (f), the default recipe's run with PCA fitted (nothing retrained), index sizes."""
+    3: (f), the default recipe's run with PCA fitted (nothing retrained), index sizes.
+    ``only_default``: the default recipe's rows only ((c) on all pairs, then phase 3)."""
     steps = {"style": 30, "concept": 48}  # optimiser steps per epoch, for ordering only
     cost = {"b": 0.8, "a": 0.1, "full": 1.0, "low": 2 * fraction * LOW_PAIR_EPOCH_FACTOR}
 
@@ -320,6 +322,8 @@ def tasks(protocols: list[str], seeds: list[int], fraction: float) -> list[list[
            for m in ("e", "d", "c")]
     p3 = [{"kind": "pca", "protocol": p, "dim": k} for p in protocols for k in PCA_DIMS]
     p3 += [{"kind": "index", "protocol": p} for p in protocols]
+    if only_default:
+        return [[t for t in p1 if t.get("method") == DEFAULT_METHOD], p3]
     return [longest_first(p1), longest_first(p2), p3]
 
 
@@ -396,19 +400,20 @@ def _worker(payload: tuple[dict[str, Any], dict[str, Any], list[int], float]) ->
         log.close()
 
 
-def run_all(ctx: Ctx, protocols: list[str], seeds: list[int], fraction: float, jobs: int) -> list[dict[str, Any]]:
+def run_all(ctx: Ctx, protocols: list[str], seeds: list[int], fraction: float, jobs: int,
+            only_default: bool = False) -> list[dict[str, Any]]:
     cdict = {"work": ctx.work, "threads": ctx.threads, "quick": ctx.quick, "csvs": ctx.csvs, "cache": ctx.cache,
              "root": ctx.root}
     rows: list[dict[str, Any]] = []
     if jobs <= 1:
-        for phase in tasks(protocols, seeds, fraction):
+        for phase in tasks(protocols, seeds, fraction, only_default):
             for t in phase:
                 rows += run_task(ctx, t, seeds, fraction)
     else:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
-            for phase in tasks(protocols, seeds, fraction):
+            for phase in tasks(protocols, seeds, fraction, only_default):
                 for out in pool.imap_unordered(_worker, [(cdict, t, seeds, fraction) for t in phase]):
                     rows += out
     # index sizes go to the rows they measure
@@ -423,10 +428,19 @@ def run_all(ctx: Ctx, protocols: list[str], seeds: list[int], fraction: float, j
             if base is not None:
                 r["pca_fit_s"] = r.get("train_wall_s", 0.0)
                 r["train_s"] = base["train_s"]
+    return sort_rows(rows, protocols)
+
+
+def sort_rows(rows: list[dict[str, Any]], protocols: list[str]) -> list[dict[str, Any]]:
     order = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4}
-    rows.sort(key=lambda r: (protocols.index(r["protocol"]), r["regime"] != "full", r.get("seed", 0),
-                             order.get(r["method"], 5), -int(r["method"][1:]) if r["method"].startswith("f") else 0))
-    return rows
+    return sorted(rows, key=lambda r: (protocols.index(r["protocol"]), r["regime"] != "full", r.get("seed", 0),
+                                       order.get(r["method"], 5),
+                                       -int(r["method"][1:]) if r["method"].startswith("f") else 0))
+
+
+def is_default_row(r: dict[str, Any]) -> bool:
+    """A row of the default recipe on all pairs: (c) itself and its PCA rows (f)."""
+    return r["regime"] == "full" and (r["method"] == DEFAULT_METHOD or r["method"].startswith("f"))
 
 
 DEFAULT_METHOD = "c"
@@ -446,9 +460,10 @@ LABELS = {
 
 def _label(r: dict[str, Any]) -> str:
     m = r["method"]
+    mark = " †" if r.get("from_run") else ""
     if m.startswith("f"):
-        return f"(f) {LABELS[DEFAULT_METHOD][4:]}, PCA {m[1:]}"
-    return LABELS[m]
+        return f"(f) {LABELS[DEFAULT_METHOD][4:]}, PCA {m[1:]}{mark}"
+    return LABELS[m] + mark
 
 
 def _metrics_of(r: dict[str, Any], q: str) -> dict[str, Any] | None:
@@ -487,6 +502,10 @@ def aggregate_low(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def low_kept(rows: list[dict[str, Any]]) -> bool:
+    return any(r.get("from_run") and r["regime"] != "full" for r in rows)
+
+
 def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
@@ -513,6 +532,14 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     L.append("")
     if res.get("quick"):
         L.append("**Quick smoke run** (few epochs, data subset): the figures say nothing about quality.")
+        L.append("")
+    origins = {json.dumps(r["from_run"], sort_keys=True) for r in rows if r.get("from_run")}
+    for o in sorted(origins):
+        run = json.loads(o)
+        which = "Rows marked † and the whole low-pair table" if low_kept(rows) else "Rows marked †"
+        L.append(f"† {which} come from an earlier run, `{run['command']}` at commit {run['git']}, finished {run['finished']}, trained with "
+                 "the default recipe of that commit; this run (`--rows default`) measured only the current default "
+                 "recipe's rows.")
         L.append("")
     for regime in ("full",):
         L.append("## All training pairs")
@@ -682,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocols", default="style,concept")
     ap.add_argument("--quick", action="store_true", help="smoke run: data subset, 1-2 epochs")
     ap.add_argument("--jobs", type=int, default=3, help="measurements run in parallel processes")
+    ap.add_argument("--rows", choices=["all", "default"], default="all",
+                    help="default: measure only the default recipe's rows ((c) on all pairs and its PCA rows (f)) "
+                         "and keep every other row from the quality.json already in --out, marked with the run "
+                         "it comes from")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite quality.md and quality.png from --out's quality.json (no measuring)")
     args = ap.parse_args(argv)
@@ -708,7 +739,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(work, args.threads, args.quick, csvs, work / "cache", log, args.data)
     seeds = list(range(1 if args.quick else args.seeds))
     protocols = args.protocols.split(",")
-    rows = run_all(ctx, protocols, seeds, args.fraction, args.jobs)
+    prev = json.loads((args.out / "quality.json").read_text()) if args.rows == "default" else None
+    rows = run_all(ctx, protocols, seeds, args.fraction, args.jobs, only_default=prev is not None)
+    if prev is not None:
+        origin = {k: prev.get(k) for k in ("command", "finished", "git")}
+        kept = [dict(r, from_run=r.get("from_run") or origin) for r in prev["rows"] if not is_default_row(r)]
+        rows = sort_rows(rows + kept, protocols)
+        seeds, args.fraction = prev.get("seeds", seeds), prev.get("fraction", args.fraction)
     res: dict[str, Any] = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "finished": time.strftime("%Y-%m-%d %H:%M"),

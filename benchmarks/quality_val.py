@@ -96,6 +96,7 @@ EXPERIMENTS: list[tuple[str, list[str]]] = [
                                     "image.mixstyle=0.5"]),
     ("conv4w32-styleaug-mixstyle-60ep", ["stage2.aug_shade=0.5", "stage2.aug_outline=0.3", "stage2.aug_color=0.5",
                                          "image.mixstyle=0.5", "stage2.epochs=60"]),
+    ("conv4w32-60ep", ["stage2.epochs=60"]),
     ("conv4w32-styleaug-mixstyle-ema", ["stage2.aug_shade=0.5", "stage2.aug_outline=0.3", "stage2.aug_color=0.5",
                                         "image.mixstyle=0.5", "stage2.ema=0.995"]),
     ("conv4w32-styleaug+-mixstyle", ["stage2.aug_shade=0.8", "stage2.aug_outline=0.5", "stage2.aug_color=0.8",
