@@ -110,6 +110,10 @@ def write_protocol_csvs(out: Path, root: Path = DEFAULT_ROOT, max_rows: int | No
         "valstyle_test": [r for r in rows if r["vendor"] == "twitter" and r["split"] == "train"
                           and not _val_holdout(r["base_id"])],
     }
+    # held-out concepts with both artwork styles in training, as in the unseen-concept protocol:
+    # both vendors' images of the val training concepts; queries are the twitter val concepts
+    sel["val2_train"] = sel["val_train"] + sel["valstyle_train"]
+    sel["val2_test"] = sel["val_test"]
     paths = {}
     for name, rs in sel.items():
         if max_rows is not None and len(rs) > max_rows:

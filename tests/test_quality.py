@@ -38,6 +38,7 @@ def test_synthetic_recipe_keeps_the_original_training():
     s2 = cfg.stage2
     assert (s2.epochs, s2.batch_size, s2.lr, s2.embed_dim, s2.method) == (8, 256, 2e-3, 128, "contrastive")
     assert not (s2.multi_positive or s2.alt_prob or s2.text_drop or s2.hard_negative_beta or s2.adversarial)
+    assert not (s2.aug_shade or s2.aug_outline or s2.aug_color or s2.ema or cfg.image.mixstyle)
     assert not (s2.aug_scale or s2.aug_translate or s2.aug_rotate or s2.aug_blur)
     assert cfg.stage1.enabled and cfg.pca_dim is None
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg

@@ -26,8 +26,9 @@ class ImageTowerConfig:
     # MixStyle (Zhou et al., 2021) after the first two convs of conv4: with this probability
     # per training batch, each image's per-channel feature mean and std are mixed with those
     # of another image in the batch, so the tower cannot key on one artwork's rendering
-    # statistics. Training only; the exported graph does not contain it.
-    mixstyle: float = 0.0
+    # statistics. Training only; the exported graph does not contain it. Under torchrun each
+    # process mixes within its own slice of the batch.
+    mixstyle: float = 0.5
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Stage2Config:
     method: str = "contrastive"
     cca_reg: float = 1e-2  # CCA covariance ridge, relative to the mean eigenvalue
     cca_power: float = 1.0  # canonical directions weighted by correlation ** cca_power
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -102,9 +103,9 @@ class Stage2Config:
     # the shading some artwork styles draw); aug_outline darkens its colour edges (outlines);
     # aug_color scales brightness, contrast and saturation by up to 15/20/30 % (every colour
     # alike, so the order of skin tones is kept).
-    aug_shade: float = 0.0
-    aug_outline: float = 0.0
-    aug_color: float = 0.0
+    aug_shade: float = 0.5
+    aug_outline: float = 0.3
+    aug_color: float = 0.5
     # Hard negatives: beta > 0 re-weights in-batch negatives by exp(beta * similarity)
     # (Robinson et al., 2021), so near misses weigh more in the loss.
     hard_negative_beta: float = 0.0
@@ -159,7 +160,8 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
     Measured: about 2 minutes of training on 2 CPU cores, text->image R@10 = 1.0 on
     the 1,000-pair test split (see README)."""
     return TrainConfig(
-        image=ImageTowerConfig(image_size=64, width=16, feature_dim=256, arch="conv4", blocks=1, pool="flatten"),
+        image=ImageTowerConfig(image_size=64, width=16, feature_dim=256, arch="conv4", blocks=1, pool="flatten",
+                               mixstyle=0.0),
         text=TextTowerConfig(max_length=48, width=96, layers=2, heads=4, mlp_ratio=2, tokenizer_vocab=4000),
         stage1=Stage1Config(enabled=True, image_epochs=1, text_epochs=2, batch_size=128, lr=2e-3,
                             noise_std=0.1, mask_prob=0.15, dedupe_texts=False),
@@ -167,7 +169,7 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
                             warmup_frac=0.05, embed_dim=128, init_temperature=0.07, head_init="random",
                             adversarial=False, multi_positive=False, alt_prob=0.0, text_drop=0.0,
                             aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0,
-                            hard_negative_beta=0.0),
+                            aug_shade=0.0, aug_outline=0.0, aug_color=0.0, hard_negative_beta=0.0, ema=0.0),
         pca_dim=None,
         seed=seed,
     )
