@@ -183,6 +183,16 @@ def test_mixstyle_mixes_feature_statistics_in_training_only():
     assert not torch.allclose(tower(x), plain(x))
 
 
+def test_a_tower_trained_with_mixstyle_exports_its_inference_graph(tmp_path, synthetic_data, make_tiny_config):
+    """The export's PyTorch reference and the ONNX graph are both the inference tower: with
+    MixStyle on every batch, a reference left in training mode would differ (parity error)."""
+    cfg = make_tiny_config(epochs=1)
+    cfg.image.mixstyle = 1.0
+    train(synthetic_data["train"], tmp_path / "run", cfg)
+    res = export(tmp_path / "run", tmp_path / "bundle", quantize="fp32")
+    assert res.manifest["model_config"]["image"]["mixstyle"] == 1.0
+
+
 def test_weight_averaging_ends_with_the_averaged_weights(tmp_path, synthetic_data, make_tiny_config):
     cfg = make_tiny_config(epochs=1, ema=0.9)
     train(synthetic_data["train"], tmp_path / "run", cfg)

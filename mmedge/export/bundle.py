@@ -186,16 +186,19 @@ def export(
         stage.mkdir()
         say("exporting ONNX graphs")
         s = cfg.image.image_size
-        _onnx_export(ImageExport(model), (torch.zeros(2, 3, s, s),), work / "image.fp32.onnx", ["pixel_values"],
+        # the wrappers in eval mode: the exporter restores a wrapper's mode afterwards, and a wrapper
+        # left in training mode would put the model back into it (MixStyle is training-only)
+        _onnx_export(ImageExport(model).eval(), (torch.zeros(2, 3, s, s),), work / "image.fp32.onnx", ["pixel_values"],
                      {"pixel_values": {0: "batch"}, "embedding": {0: "batch"}})
         dummy = torch.ones(2, 5, dtype=torch.long)
-        _onnx_export(TextExport(model), (dummy, dummy), work / "text.fp32.onnx", ["input_ids", "attention_mask"],
+        _onnx_export(TextExport(model).eval(), (dummy, dummy), work / "text.fp32.onnx", ["input_ids", "attention_mask"],
                      {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                       "embedding": {0: "batch"}})
 
         # held-out inputs and PyTorch reference embeddings
         pixels = pcfg.normalize(samples_px)  # (N, 3, S, S) float32
         ids, mask = tokenizer.encode(samples_txt)
+        model.eval()
         with torch.no_grad():
             ref_img = model.encode_image(torch.from_numpy(pixels)).numpy()
             ref_txt = model.encode_text(torch.from_numpy(ids.astype(np.int64)),
