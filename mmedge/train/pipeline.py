@@ -173,6 +173,8 @@ def _run_epochs(
         for n, m in modules.items():
             m.load_state_dict(ck["modules"][n])
         opt.load_state_dict(ck["opt"])
+        if "torch_rng" in ck:  # training-time randomness drawn from torch's generator (MixStyle)
+            torch.set_rng_state(ck["torch_rng"])
         start = int(ck["epoch"]) + 1
         log.info("%s: resuming after epoch %d", name, start)
     total = epochs * steps_per_epoch
@@ -204,7 +206,7 @@ def _run_epochs(
                 on_progress(name, (epoch + 1) * steps_per_epoch, total, last)
         _atomic_torch_save(
             {"key": key, "epoch": epoch, "modules": {n: m.state_dict() for n, m in modules.items()},
-             "opt": opt.state_dict()},
+             "opt": opt.state_dict(), "torch_rng": torch.get_rng_state()},
             ckpt_path,
         )
     return last
