@@ -784,17 +784,21 @@ NOTES: list[str] = [
     "MixStyle): (a), (b), (d), (e) and the low-pair comparison were not rerun with the new recipe, which would take "
     "about three hours on this machine, so compare (c) with (d)/(e) only through that earlier run's (c): style "
     "0.356 / 0.314, concept 0.571 / 0.571 R@10 (int8).",
-    "- Load: both runs shared the 2 cores. During the (c) trainings of the `--rows default` run, up to five training "
-    "processes ran at once (two validation experiments, and two stray workers of an interrupted start of the same "
-    "command that trained the same configurations, with the same seed and into the same run folders, until they "
-    "were stopped; one-thread training is deterministic, so the weights are the same either way), so its train minutes are those of a "
-    "machine loaded about 2.5x; compare them with each other, not with a quiet machine.",
+    "- Load and provenance of the (c) rows: both runs shared the 2 cores. An interrupted first start of the "
+    "`--rows default` command left two worker processes running, which trained the same (c) configurations with "
+    "the same seed into the same run folders beside the second start, so up to five training processes shared the "
+    "machine (two validation experiments as well) and train minutes are those of a machine loaded about 2.5x. "
+    "Style (c) is the stray worker's straight run (its export, with code from before an export fix, was refused, "
+    "so the rows were measured by re-exporting its finished run; train minutes are its own measurement). Concept "
+    "(c) was trained by the second start, which resumed from the stray worker's checkpoint after its first few "
+    "epochs; checkpoints did not yet keep torch's random state, so from there it drew other MixStyle randomness "
+    "than a straight run would. Both are complete 60-epoch trainings of the default recipe.",
     "- Default recipe (row (c), `TrainConfig()`, chosen on validation splits of the training emoji, docs/RECIPE.md): "
     "765,376 image-tower and about 527,000 text-tower parameters (unchanged; MixStyle adds none and is not in the "
-    "exported graph); int8 bundle about 1.7 MB. Against the previous default: unseen style +0.165 / +0.169 R@10 "
-    "(0.356 / 0.314 -> 0.521 / 0.483), unseen concepts -0.026 / -0.041 (0.571 / 0.571 -> 0.545 / 0.530), at about "
+    "exported graph); int8 bundle about 1.7 MB. Against the previous default: unseen style +0.172 / +0.161 R@10 "
+    "(0.356 / 0.314 -> 0.528 / 0.475), unseen concepts -0.026 / -0.041 (0.571 / 0.571 -> 0.545 / 0.530), at about "
     "2.3x the train time. The validation splits predicted both signs (valstyle +0.15, val2 -0.06).",
-    "- Targets not met. Unseen style: 0.521 / 0.483 against 0.75; the towers fit their twitter training pairs but "
+    "- Targets not met. Unseen style: 0.528 / 0.475 against 0.75; the towers fit their twitter training pairs but "
     "transfer only partly to google's drawings (docs/RECIPE.md, 'Artwork-style transfer'). Unseen concepts: 0.545 "
     "text->image R@10 against 0.70; the previous recipe, one `--config` away, gives 0.571 there.",
     "- The seed's claim (earlier run, previous recipe): with all pairs, autoencoder pre-training (d) adds about "
