@@ -415,3 +415,17 @@ def test_emoji_slice_through_the_csv_loader(tmp_path, emoji_slice, make_tiny_con
     cfg.pca_dim = None
     res = train(style_train, tmp_path / "run", cfg)
     assert res.metrics["n_alt_texts"] == sum(len(p.extra["alt_captions"].split("|")) for p in style_train.pairs)
+
+
+@pytest.mark.parametrize("section,field,value", [("image", "mixstyle", 1.5), ("stage2", "aug_shade", -0.1),
+                                                 ("stage2", "aug_color", "often"), ("stage2", "ema", 1.0)])
+def test_bad_style_settings_are_refused_before_anything_is_written(tmp_path, synthetic_data, capsys,
+                                                                     section, field, value):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({section: {field: value}}))
+    code, out, err = _run_main(capsys, "train", synthetic_data["train"], "--out", tmp_path / "run",
+                               "--config", cfg, "--no-progress")
+    assert code != 0
+    assert f"{section}.{field} must be a number" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+

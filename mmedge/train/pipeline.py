@@ -821,6 +821,16 @@ def train(
         _CTX = DistContext()
 
 
+def _check_probabilities(cfg: TrainConfig) -> None:
+    """The style-augmentation, MixStyle and weight-averaging settings are fractions."""
+    fields = [("image.mixstyle", cfg.image.mixstyle, 1.0)] + [
+        (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in ("aug_shade", "aug_outline", "aug_color")
+    ] + [("stage2.ema", cfg.stage2.ema, 0.9999999)]
+    for name, v, top in fields:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= top:
+            raise TrainError(f"{name} must be a number from 0 to {1 if top == 1.0 else 'below 1'}, got {v!r}")
+
+
 def _train(
     data: str | Path | LoadResult,
     run_dir: str | Path,
@@ -833,6 +843,7 @@ def _train(
     stage1_from: str | Path | None = None,
 ) -> TrainResult:
     cfg = config or TrainConfig()
+    _check_probabilities(cfg)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
