@@ -109,6 +109,12 @@ BEFORE_STYLE = ["stage2.epochs=30", "stage2.aug_shade=0", "stage2.aug_outline=0"
                 "image.mixstyle=0"]
 EXPERIMENTS = [(name, BEFORE_STYLE + ov) for name, ov in EXPERIMENTS]
 EXPERIMENTS.append(("default", []))  # TrainConfig() as it is now
+# variants of the current default (overrides on top of TrainConfig() as it is now)
+EXPERIMENTS += [
+    ("default-nomixstyle", ["image.mixstyle=0"]),
+    ("default-ema", ["stage2.ema=0.998"]),
+    ("default-90ep", ["stage2.epochs=90"]),
+]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with
 # variants of stage 1 (the towers come from one stage-1 run on all val training data)

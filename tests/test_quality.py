@@ -292,7 +292,7 @@ def test_patch_residual_tower_trains_and_exports_to_int8(tmp_path, synthetic_dat
     cfg.image.arch, cfg.image.width, cfg.image.blocks, cfg.image.pool = "patchres", 8, 1, "both"
     train(synthetic_data["train"], tmp_path / "run", cfg)
     res = export(tmp_path / "run", tmp_path / "bundle", quantize="int8")  # raises if parity is off
-    assert res.manifest["quantization"]["image"] == "int8-qdq-static"
+    assert res.manifest["quantization"]["image"] == "int8-weights"
     assert res.manifest["model_config"]["image"]["arch"] == "patchres"
 
 

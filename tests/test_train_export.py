@@ -117,7 +117,7 @@ def test_fp32_bundle_matches_pytorch_on_held_out_inputs(trained_run, fp32_bundle
 
 def test_int8_bundle_keeps_mean_cosine_to_pytorch(trained_run, int8_bundle, synthetic_data):
     b = Bundle.load(int8_bundle)
-    assert b.quantization == {"image": "int8-qdq-static", "text": "int8-dynamic"}
+    assert b.quantization == {"image": "int8-weights", "text": "int8-dynamic"}
     pairs = _test_pairs(synthetic_data, n=48)
     ref_img, ref_txt, pixels, ids, mask = _torch_embeddings(trained_run.run_dir, b, pairs)
     img_cos = _cosines(ref_img, ImageEncoder(b, threads=1).encode_pixels(pixels))
@@ -135,7 +135,7 @@ def test_manifests_record_parity_quantization_dim_fingerprint_and_checksums(trai
     m8 = json.loads((int8_bundle / "manifest.json").read_text())
 
     assert m32["quantization"] == {"image": "fp32", "text": "fp32"}
-    assert m8["quantization"] == {"image": "int8-qdq-static", "text": "int8-dynamic"}
+    assert m8["quantization"] == {"image": "int8-weights", "text": "int8-dynamic"}
     for tower in ("image", "text"):
         p32, p8 = m32["parity"][tower], m8["parity"][tower]
         assert 0 <= p32["max_abs_diff"] <= FP32_MAX_ABS
@@ -317,7 +317,7 @@ def test_export_of_a_folder_that_is_not_a_run(tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
-@pytest.mark.parametrize("missing", ["samples.npy", "calib.npy", "tokenizer.json"])
+@pytest.mark.parametrize("missing", ["samples.npy", "samples.json", "tokenizer.json"])
 def test_export_of_an_incomplete_run_names_the_missing_file(tmp_path, trained_run, missing):
     run = _copy_run(trained_run.run_dir, tmp_path / "run")
     (run / missing).unlink()

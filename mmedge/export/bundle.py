@@ -92,31 +92,52 @@ def _time_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], repe
     return (time.perf_counter() - t) / repeat * 1e3
 
 
-class _Calibration:
-    """onnxruntime.quantization CalibrationDataReader over preprocessed images."""
+def _quantize_image(src: Path, dst: Path) -> None:
+    """int8 weights, fp32 arithmetic: each Conv / Gemm / MatMul weight is stored as int8 with a
+    per-output-channel scale (symmetric, 127 levels) and rebuilt as ``Cast(int8) * scale``.
 
-    def __init__(self, pixels: np.ndarray, batch: int = 32) -> None:
-        self._it = iter([{"pixel_values": pixels[i : i + batch]} for i in range(0, len(pixels), batch)])
+    The rebuild has constant inputs only, so ONNX Runtime folds it when the session is created and
+    runs the same fp32 kernels (with pre-packed weights) as the fp32 graph: the file is about 4x
+    smaller and the speed is fp32's. Measured on the demo bundle's image tower (2-core AVX2 CPU,
+    no VNNI): static QDQ int8 ran at about 9,000 images/s with 2 threads against fp32's
+    12,500-15,500, this graph at fp32's speed; its output is also closer to fp32 (max abs
+    difference 0.0008 against 0.005), as activations stay fp32. ``DequantizeLinear`` instead of
+    Cast and Mul would not be folded by ONNX Runtime's default graph optimisation (it keeps them
+    for QDQ fusion), and the unfolded weights lose pre-packing (measured 2x slower).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-
-def _quantize_image(src: Path, dst: Path, calib: np.ndarray, tmp: Path) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = tmp / "image.pre.onnx"
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    # Static QDQ: convolutions with calibrated activation scales. Dynamic quantisation
-    # would give ConvInteger, which is slower than fp32 on CPUs without VNNI.
-    # reduce_range (7-bit weights): without VNNI the u8 x s8 kernels sum pairs of
-    # products in int16 and saturate; with full 8-bit weights the first conv's output
-    # was wrong (mean cosine 0.84 to fp32 on held-out images, some negative), with
-    # 7-bit weights it is 0.9998.
-    quantize_static(str(pre), str(dst), _Calibration(calib), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    axes: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            # the output-channel axis: Conv (O, I, kh, kw) and Gemm with transB (O, I): 0;
+            # MatMul and Gemm without transB (I, O): the last
+            axes[node.input[1]] = 0 if node.op_type == "Conv" or trans_b else -1
+    rebuild = []
+    for name, axis in sorted(axes.items()):
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        if w.ndim < 2:
+            continue
+        axis = axis % w.ndim
+        keep = [1] * w.ndim
+        keep[axis] = w.shape[axis]
+        amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)).reshape(keep)
+        scale = (np.maximum(amax, 1e-12) / 127.0).astype(np.float32)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(inits[name])
+        graph.initializer.extend([numpy_helper.from_array(q, f"{name}.int8"),
+                                  numpy_helper.from_array(scale, f"{name}.scale")])
+        rebuild += [helper.make_node("Cast", [f"{name}.int8"], [f"{name}.fp32"], to=onnx.TensorProto.FLOAT),
+                    helper.make_node("Mul", [f"{name}.fp32", f"{name}.scale"], [name])]
+    for i, node in enumerate(rebuild):
+        graph.node.insert(i, node)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
 
 
 def _quantize_text(src: Path, dst: Path, tmp: Path) -> None:
@@ -131,7 +152,7 @@ def _quantize_text(src: Path, dst: Path, tmp: Path) -> None:
     # together under 30% of the fp32 ones; on the demo's 11,500 captions the cosine to fp32 went
     # from 0.99987 to 0.99985 on average (minimum 0.99896 -> 0.99884), with the same R@5.
     quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
-                     reduce_range=True)  # 7-bit weights: no int16 saturation without VNNI (see above)
+                     reduce_range=True)  # 7-bit weights: without VNNI the u8 x s8 kernels sum pairs in int16 and saturate
 
 
 def _half_size_png(px: np.ndarray) -> bytes:
@@ -157,8 +178,8 @@ def export(
 ) -> ExportResult:
     """Export a finished training run as a bundle folder at ``out``.
 
-    ``quantize``: ``"fp32"`` or ``"int8"`` (image tower static QDQ with calibration
-    images from the run, text tower dynamic). Raises :class:`ExportError` when a
+    ``quantize``: ``"fp32"`` or ``"int8"`` (image tower int8 weights with fp32 arithmetic,
+    text tower dynamic int8). Raises :class:`ExportError` when a
     parity check fails; nothing is left at ``out`` then.
     """
     if quantize not in QUANT_CHOICES:
@@ -169,12 +190,11 @@ def export(
     say = on_progress or (lambda _msg: None)
     model, cfg, pcfg, tok_path = load_run(run_dir)
     run = Path(run_dir)
-    for name in ("samples.npy", "samples.json", "calib.npy"):
+    for name in ("samples.npy", "samples.json"):
         if not (run / name).is_file():
             raise ExportError(f"{run}: not a finished training run ({name} missing)")
     samples_px = np.load(run / "samples.npy", allow_pickle=False)  # (N, S, S, 3) uint8, held out
     samples_txt: list[str] = json.loads((run / "samples.json").read_text())
-    calib_px = np.load(run / "calib.npy", allow_pickle=False)  # (M, S, S, 3) uint8, train images
     tokenizer = TextTokenizer(tok_path, max_length=cfg.text.max_length, pad_id=PAD_ID)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,9 +241,9 @@ def export(
         timing: dict[str, Any] = {}
         if quantize == "int8":
             say("quantising to int8")
-            _quantize_image(work / "image.fp32.onnx", work / "image.int8.onnx", pcfg.normalize(calib_px), work)
+            _quantize_image(work / "image.fp32.onnx", work / "image.int8.onnx")
             _quantize_text(work / "text.fp32.onnx", work / "text.int8.onnx", work)
-            for tower, feeds, ref, kind in (("image", img_feeds, ref_img, "int8-qdq-static"),
+            for tower, feeds, ref, kind in (("image", img_feeds, ref_img, "int8-weights"),
                                             ("text", txt_feeds, ref_txt, "int8-dynamic")):
                 q_sess = _session(work / f"{tower}.int8.onnx")
                 fig = _compare(ref, q_sess.run(None, feeds)[0])

@@ -41,7 +41,7 @@ GOLDEN_JSON: str = "golden/golden.json"
 #: Default tolerance (max abs difference per embedding value) of the golden check.
 GOLDEN_TOLERANCE: float = 1e-4
 
-_QUANT_KINDS = frozenset({"fp32", "int8-dynamic", "int8-qdq-static"})
+_QUANT_KINDS = frozenset({"fp32", "int8-dynamic", "int8-weights", "int8-qdq-static"})
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -256,7 +256,8 @@ class Bundle:
 
     @property
     def quantization(self) -> dict[str, str]:
-        """Per tower: ``"fp32"``, ``"int8-dynamic"`` or ``"int8-qdq-static"``."""
+        """Per tower: ``"fp32"``, ``"int8-dynamic"``, ``"int8-weights"`` or ``"int8-qdq-static"`` (the
+        image tower of bundles exported before int8-weights)."""
         return {k: str(v) for k, v in self.manifest["quantization"].items()}
 
     @property

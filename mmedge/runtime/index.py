@@ -952,13 +952,14 @@ class Index:
             raise UsageError(f"{rows} items but {arr.shape[0]} vectors")
         if arr.shape[0] == 0:
             return np.zeros((0, self._dim), dtype=np.float32)
-        finite = np.isfinite(arr).all(axis=1)
-        if not finite.all():
-            raise UsageError(f"{what} row {int(np.argmin(finite))} contains NaN or infinity")
-        norms = np.linalg.norm(arr.astype(np.float64), axis=1)
-        if (norms <= 1e-12).any():
-            raise UsageError(f"{what} row {int(np.argmax(norms <= 1e-12))} is a zero vector")
-        return np.ascontiguousarray((arr / norms[:, None]).astype(np.float32))
+        # squared norms in float64 (a float32 square cannot overflow there): NaN or infinity in
+        # a row makes its sum non-finite, so one pass checks and normalises
+        sq = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)
+        if not np.isfinite(sq).all():
+            raise UsageError(f"{what} row {int(np.argmin(np.isfinite(sq)))} contains NaN or infinity")
+        if (sq <= 1e-24).any():
+            raise UsageError(f"{what} row {int(np.argmax(sq <= 1e-24))} is a zero vector")
+        return (arr / np.sqrt(sq)[:, None]).astype(np.float32)
 
     @staticmethod
     def _item_row(item: Any, i: int) -> tuple[str, str, str | None, str | None, str]:

@@ -107,6 +107,15 @@ class TextTokenizer:
         if len(texts) == 0:
             return np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.int64)
         cleaned = [clean_text(t, i) for i, t in enumerate(texts)]
+        if len(cleaned) == 1:  # a query: encode() skips encode_batch's thread pool, one row needs no padding
+            try:
+                row = self._tok.encode(cleaned[0], add_special_tokens=True).ids[: self.max_length]
+            except Exception as exc:  # noqa: BLE001
+                raise TextError(f"tokenizer failed: {exc}") from exc
+            if not row:
+                raise TextError(f"text #0 ({cleaned[0][:40]!r}) gives no tokens")
+            ids = np.array([row], dtype=np.int64)
+            return ids, np.ones_like(ids)
         try:
             encodings = self._tok.encode_batch(cleaned, add_special_tokens=True)
         except Exception as exc:  # noqa: BLE001

@@ -957,14 +957,12 @@ def _train(
         "text": sum(p.numel() for p in model.text_tower.parameters()) + sum(p.numel() for p in model.text_proj.parameters()),
     }
 
-    # held-out inputs for export's parity check, and int8 calibration images
-    rng = np.random.default_rng(cfg.seed)
+    # held-out inputs for export's parity check
     if val_t is not None and len(val_t.pixels) >= 8:
         held_px, held_txt = val_t.pixels[:64], [p.caption for p in val_pairs.pairs[:64]]  # type: ignore[union-attr]
     else:
         held_px, held_txt = train_t.pixels[-64:], captions[-64:]
-    calib = train_t.pixels[rng.choice(len(train_t.pixels), min(256, len(train_t.pixels)), replace=False)]
-    _save_samples(run, held_px, held_txt, calib)
+    _save_samples(run, held_px, held_txt)
 
     _atomic_torch_save({k: v.detach().clone() for k, v in model.state_dict().items()}, run / "model.pt")
     _atomic_write_text(run / "config.json", cfg.to_json())
@@ -972,13 +970,12 @@ def _train(
     return TrainResult(run, cfg, metrics)
 
 
-def _save_samples(run: Path, held_px: np.ndarray, held_txt: list[str], calib_px: np.ndarray) -> None:
+def _save_samples(run: Path, held_px: np.ndarray, held_txt: list[str]) -> None:
     if not _CTX.is_main:
         return
-    for name, arr in (("samples.npy", held_px), ("calib.npy", calib_px)):
-        tmp = run / (name + ".tmp.npy")
-        np.save(tmp, np.ascontiguousarray(arr, dtype=np.uint8), allow_pickle=False)
-        os.replace(tmp, run / name)
+    tmp = run / "samples.tmp.npy"
+    np.save(tmp, np.ascontiguousarray(held_px, dtype=np.uint8), allow_pickle=False)
+    os.replace(tmp, run / "samples.npy")
     _atomic_write_text(run / "samples.json", json.dumps(held_txt))
 
 
