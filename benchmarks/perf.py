@@ -61,8 +61,11 @@ NOTES: dict[str, tuple[str, str]] = {
         "0.6-0.7 ms of ONNX Runtime encoding plus about 0.05 ms of HNSW search and the metadata (see Encoders and "
         "Index libraries); 20x would need mmedge under 0.3 ms, below its encoder alone (runs on a loaded machine "
         "showed 16x because load hurt the baseline more; at 1,000,000 items, where exact search dominates, the "
-        "ratio is in the table above). Next: a cheaper text tower (attention-fused graph, or a pooled-embedding "
-        "tower where quality allows)"),
+        "ratio is in the table above). The encoder's time is arithmetic, not graph overhead: it grows with the "
+        "tokens (about 140 us at 8 tokens, 250 us at 20, one thread), and a hand-written graph of the same "
+        "tower with a quarter fewer nodes after optimisation (constant reshapes, no shape arithmetic) was no "
+        "faster. Next: fewer FLOPs per token (a narrower or shallower text tower, or one distilled from the "
+        "current), which the quality benchmark has to accept first"),
     "peers": (
         "each peer at mmedge's M and ef_construction and at its own defaults, measured interleaved knob by knob",
         "faiss's HNSW with the same M and ef_construction answers 3-5 us sooner per query at equal recall "
@@ -76,24 +79,24 @@ NOTES: dict[str, tuple[str, str]] = {
         "only for image queries, one OpenBLAS thread on the plain query path (numpy's import then starts no "
         "thread pool), mmedge's bytecode compiled as an installed package has it; that brought N<=10,000 under "
         "0.5 s",
-        "what grows with N is opening the index: at 100,000 items about 0.29 s (hnswlib.load_index 0.15 s, "
-        "mmedge's structural check of the graph file 0.10 s, SQLite 0.02 s) on top of about 0.3 s of interpreter, "
-        "numpy, onnxruntime and tokenizers start-up and the encoder session; hnswlib always reads and allocates "
-        "the whole graph. Next: check the graph file in one vectorised pass over a memory map, and for large "
-        "indexes a memory-mapped graph (usearch serves one from disk with Index.restore(view=True)), or a "
-        "long-lived query process (the Python API) where start-up matters"),
+        "what grows with N is opening the index: at 100,000 items about 0.21 s (hnswlib.load_index 0.155 s, "
+        "mmedge's structural check of the graph file 0.035 s, SQLite 0.02 s) on top of about 0.39 s of "
+        "interpreter, numpy (0.1 s), onnxruntime and tokenizers start-up and the encoder session; hnswlib always "
+        "reads and allocates the whole graph, holding the GIL (so it cannot overlap start-up in a thread). Next: "
+        "for large indexes a memory-mapped graph (usearch serves one from disk with Index.restore(view=True)), "
+        "or a long-lived query process (the Python API) where start-up matters"),
     "size": (
         "the token-embedding table of the text tower is int8 too; golden data written compactly (JSON without "
         "whitespace, float32-shortest values, half-size sample images: 67.5 KB -> 27.5 KB in each bundle)",
         "ship the golden files beside the bundle rather than in it"),
     "size_models": ("int8 token-embedding table", "4-bit weights for the image tower's fully connected layer"),
     "int8_speed": (
-        "per-tower choice by measurement in this run (see the encoders table); static QDQ with reduce_range for "
-        "the convolutional image tower",
-        "without VNNI, int8 buys size, not speed: the image tower's int8 graph is 4x smaller but its model-only "
-        "throughput is lower than fp32's (while decoding, which both pay, dominates an image query); shipping "
-        "the fp32 image tower would break the 30 % size target, so the int8 bundle keeps it and the fp32 bundle "
-        "is the choice for image throughput"),
+        "per-tower choice by measurement (see the encoders table): the text tower dynamic int8; the image tower "
+        "int8 weights computed in fp32 (Cast * scale, folded when the session is created), because static QDQ "
+        "int8 ran at about 60 % of fp32's throughput with 2 threads on this CPU (no VNNI)",
+        "the figures of the two graphs swing 15-50 % between runs on this machine; if the int8-weight graph is "
+        "really slower, its folded weights are the same as fp32's, so the cause is the session, not the "
+        "arithmetic"),
     "build": (
         "normalise once per batch (and 9x faster, bit-identical), decode in the main thread while the previous "
         "batch is encoded and inserted in a worker thread, one non-spinning ONNX Runtime pool, cheaper HNSW "
