@@ -114,6 +114,8 @@ EXPERIMENTS += [
     ("default-nomixstyle", ["image.mixstyle=0"]),
     ("default-ema", ["stage2.ema=0.998"]),
     ("default-90ep", ["stage2.epochs=90"]),
+    ("default-ibn", ["image.ibn=true"]),
+    ("default-gray0.2", ["stage2.aug_gray=0.2"]),
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with

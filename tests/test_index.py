@@ -217,6 +217,10 @@ def test_bad_vectors_refused(tmp_path: Path) -> None:
         idx.add([Item(key="x"), Item(key="y")], nan)
     with pytest.raises(UsageError, match="zero vector"):
         idx.add([Item(key="x")], np.zeros((1, DIM), np.float32))
+    inf = np.ones((3, DIM), np.float32)
+    inf[2, 0] = -np.inf
+    with pytest.raises(UsageError, match="row 2 contains NaN or infinity"):
+        idx.search(inf, k=1)
     with pytest.raises(UsageError, match="shape"):
         idx.add([Item(key="x")], np.ones((1, 2, DIM), np.float32))
     with pytest.raises(UsageError, match="modality"):
@@ -751,3 +755,18 @@ def test_model_based(tmp_path_factory: pytest.TempPathFactory, sequence: list[tu
                 assert top[0].score == pytest.approx(1.0, abs=1e-5)
     finally:
         idx.close()
+
+
+def test_query_vectors_are_normalised_in_float64_without_overflow(tmp_path: Path) -> None:
+    """Huge but finite components (squares beyond float32) still give a unit query, equal to
+    the float64 reference; the search of such a query finds the same items as its unit copy."""
+    idx, _ = small_index(tmp_path / "i", n=20)
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((4, DIM)).astype(np.float32)
+    q[0] *= np.float32(3e37)
+    q[1] *= np.float32(1e-9)
+    got = idx._prepare_vectors(q, None, "query vectors")
+    ref = q.astype(np.float64) / np.linalg.norm(q.astype(np.float64), axis=1, keepdims=True)
+    assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    assert keys_of(idx.search(q[:1], k=5)) == keys_of(idx.search(ref[:1].astype(np.float32), k=5))

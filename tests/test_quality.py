@@ -159,6 +159,38 @@ def test_style_augmentation_changes_the_drawing_only_and_keeps_tone_order():
                        _style(u8, pcfg, 3, aug_shade=1.0, aug_color=1.0, aug_outline=0.5))
 
 
+def test_grey_augmentation_keeps_the_background_and_the_light_to_dark_order():
+    u8, pcfg = _two_tones()
+    orig = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0
+    rgb = _style(u8, pcfg, 0, aug_gray=1.0)
+    inner = rgb[:, :, 5:13, 5:13]
+    assert torch.allclose(inner[:, 0], inner[:, 1], atol=1e-5) and torch.allclose(inner[:, 1], inner[:, 2], atol=1e-5)
+    lum = (orig[:, :, 8, 8] * torch.tensor([0.299, 0.587, 0.114])).sum(1)
+    assert torch.allclose(rgb[:, 0, 8, 8], lum, atol=1e-5)  # the luminance, not the channel mean
+    assert (rgb[:, 0, 8, 8] > rgb[:, 0, 22, 22]).all()  # the lighter tone stays lighter
+    assert torch.allclose(rgb[:, :, 0, 0], orig[:, :, 0, 0], atol=1e-5)  # background untouched
+    assert torch.equal(_style(u8, pcfg, 0, aug_gray=0.0), _style(u8, pcfg, 0))
+
+
+def test_ibn_normalises_half_the_channels_and_exports(tmp_path, synthetic_data, make_tiny_config):
+    from mmedge.train.config import ImageTowerConfig
+    from mmedge.train.models import ImageTower, _HalfInstanceNorm
+
+    norm = _HalfInstanceNorm(6)
+    h = torch.randn(2, 6, 5, 5) * 3 + 7
+    out = norm(h)
+    assert torch.allclose(out[:, :3].mean((2, 3)), torch.zeros(2, 3), atol=1e-4)  # affine starts at 1, 0
+    assert torch.equal(out[:, 3:], h[:, 3:])
+    with pytest.raises(ValueError, match="conv4"):
+        ImageTower(ImageTowerConfig(arch="patchres", ibn=True))
+    cfg = make_tiny_config(epochs=1)
+    cfg.image.ibn = True
+    train(synthetic_data["train"], tmp_path / "run", cfg)
+    res = export(tmp_path / "run", tmp_path / "bundle", quantize="int8")  # parity checks inside
+    assert res.manifest["model_config"]["image"]["ibn"] is True
+    assert res.manifest["parity"]["image"]["mean_cosine"] > 0.999
+
+
 def test_mixstyle_mixes_feature_statistics_in_training_only():
     from mmedge.train.config import ImageTowerConfig
     from mmedge.train.models import ImageTower, mix_style
@@ -418,7 +450,8 @@ def test_emoji_slice_through_the_csv_loader(tmp_path, emoji_slice, make_tiny_con
 
 
 @pytest.mark.parametrize("section,field,value", [("image", "mixstyle", 1.5), ("stage2", "aug_shade", -0.1),
-                                                 ("stage2", "aug_color", "often"), ("stage2", "ema", 1.0)])
+                                                 ("stage2", "aug_color", "often"), ("stage2", "ema", 1.0),
+                                                 ("stage2", "aug_gray", 2)])
 def test_bad_style_settings_are_refused_before_anything_is_written(tmp_path, synthetic_data, capsys,
                                                                      section, field, value):
     cfg = tmp_path / "cfg.json"

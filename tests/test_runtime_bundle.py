@@ -225,6 +225,14 @@ def test_tokenizer_contract(built: Path) -> None:
     with pytest.raises(UsageError, match="MAX_BATCH"):
         tok.encode(["a"] * (MAX_BATCH + 1))
     assert tok.encode([])[0].shape == (0, 0)
+    # one text (a query) takes its own path: the same ids and mask as its row in a batch
+    texts = ["a red circle", "", "red " * 100, "blue square on the left", "broken \ud800 surrogate"]
+    b_ids, b_mask = tok.encode(texts)
+    for i, t in enumerate(texts):
+        ids, mask = tok.encode(t)
+        n = int(b_mask[i].sum())
+        assert ids.dtype == np.int64 and mask.dtype == np.int64 and ids.shape == mask.shape == (1, n)
+        assert ids[0].tolist() == b_ids[i, :n].tolist() and mask.all()
 
 
 def test_choose_providers() -> None:

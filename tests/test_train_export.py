@@ -126,6 +126,32 @@ def test_int8_bundle_keeps_mean_cosine_to_pytorch(trained_run, int8_bundle, synt
     assert txt_cos.mean() >= 0.99, f"text int8 mean cosine {txt_cos.mean():.4f}"
 
 
+def test_int8_image_graph_holds_int8_weights_and_computes_in_fp32(int8_bundle, fp32_bundle):
+    """The int8 image graph: every Conv/Gemm weight is an int8 tensor with one scale per output
+    channel (max |w| / 127), rebuilt by Cast * scale; no quantised activations. Oracle: the fp32
+    bundle's weights rounded the same way in numpy."""
+    import onnx
+    from onnx import numpy_helper
+
+    m8 = onnx.load(str(int8_bundle / "image.onnx"))
+    m32 = onnx.load(str(fp32_bundle / "image.onnx"))
+    ops = {n.op_type for n in m8.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear", "ConvInteger", "QLinearConv", "DynamicQuantizeLinear"}
+    w8 = {t.name: numpy_helper.to_array(t) for t in m8.graph.initializer}
+    w32 = {t.name: numpy_helper.to_array(t) for t in m32.graph.initializer}
+    weights = [n.input[1] for n in m32.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in w32]
+    assert weights and all(name not in w8 for name in weights)
+    for name in weights:
+        q, scale, w = w8[f"{name}.int8"], w8[f"{name}.scale"], w32[name]
+        assert q.dtype == np.int8 and q.shape == w.shape and scale.shape == (w.shape[0],) + (1,) * (w.ndim - 1)
+        want = np.abs(w).reshape(w.shape[0], -1).max(1) / 127.0
+        np.testing.assert_allclose(scale.ravel(), want, rtol=1e-6)
+        np.testing.assert_array_equal(q, np.clip(np.rint(w / scale), -127, 127).astype(np.int8))
+        assert np.abs(q.astype(np.float32) * scale - w).max() <= scale.max() / 2 + 1e-7
+    # much smaller than the fp32 graph (about 4x at real sizes; biases and the graph weigh more here)
+    assert (int8_bundle / "image.onnx").stat().st_size < 0.4 * (fp32_bundle / "image.onnx").stat().st_size
+
+
 # ----------------------------------------------------------------------------- manifest
 
 

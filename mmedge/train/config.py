@@ -29,6 +29,10 @@ class ImageTowerConfig:
     # statistics. Training only; the exported graph does not contain it. Under torchrun each
     # process mixes within its own slice of the batch.
     mixstyle: float = 0.5
+    # IBN (Pan et al., 2018): instance normalisation of half the channels after the first two
+    # convs of conv4, in training and inference, so those channels lose each image's contrast
+    # and brightness (artwork style) while the other half keeps absolute colour (skin tones)
+    ibn: bool = False
 
 
 @dataclass
@@ -106,6 +110,9 @@ class Stage2Config:
     aug_shade: float = 0.5
     aug_outline: float = 0.3
     aug_color: float = 0.5
+    # aug_gray: the drawing's colours replaced by their luminance (the tower must also learn
+    # shapes; luminance keeps the light-to-dark order of skin tones)
+    aug_gray: float = 0.0
     # Hard negatives: beta > 0 re-weights in-batch negatives by exp(beta * similarity)
     # (Robinson et al., 2021), so near misses weigh more in the loss.
     hard_negative_beta: float = 0.0
@@ -161,7 +168,7 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
     the 1,000-pair test split (see README)."""
     return TrainConfig(
         image=ImageTowerConfig(image_size=64, width=16, feature_dim=256, arch="conv4", blocks=1, pool="flatten",
-                               mixstyle=0.0),
+                               mixstyle=0.0, ibn=False),
         text=TextTowerConfig(max_length=48, width=96, layers=2, heads=4, mlp_ratio=2, tokenizer_vocab=4000),
         stage1=Stage1Config(enabled=True, image_epochs=1, text_epochs=2, batch_size=128, lr=2e-3,
                             noise_std=0.1, mask_prob=0.15, dedupe_texts=False),
@@ -169,7 +176,8 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
                             warmup_frac=0.05, embed_dim=128, init_temperature=0.07, head_init="random",
                             adversarial=False, multi_positive=False, alt_prob=0.0, text_drop=0.0,
                             aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0,
-                            aug_shade=0.0, aug_outline=0.0, aug_color=0.0, hard_negative_beta=0.0, ema=0.0),
+                            aug_shade=0.0, aug_outline=0.0, aug_color=0.0, aug_gray=0.0, hard_negative_beta=0.0,
+                            ema=0.0),
         pca_dim=None,
         seed=seed,
     )

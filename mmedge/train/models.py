@@ -40,6 +40,18 @@ def mix_style(h: torch.Tensor, p: float, alpha: float = 0.1) -> torch.Tensor:
     return (h - mu) / sig * sig2 + mu2
 
 
+class _HalfInstanceNorm(nn.Module):
+    """IBN-a style: affine instance norm on the first half of the channels, the rest as is."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.k = c // 2
+        self.norm = nn.InstanceNorm2d(self.k, affine=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.norm(h[:, : self.k]), h[:, self.k :]], 1)
+
+
 class _ConvFlatTower(nn.Module):
     """``arch="conv4"``: (B, 3, S, S) normalised pixels -> (B, feature_dim).
 
@@ -54,8 +66,11 @@ class _ConvFlatTower(nn.Module):
         w = cfg.width
         chans = [3, w, 2 * w, 4 * w, 4 * w]
         layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU()]
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1)]
+            if cfg.ibn and i < 2:
+                layers += [_HalfInstanceNorm(cout)]
+            layers += [nn.ReLU()]
         self.convs = nn.Sequential(*layers)
         self.grid = cfg.image_size // 16
         c = chans[-1]
@@ -69,10 +84,13 @@ class _ConvFlatTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
-        for i, layer in enumerate(self.convs):
+        relus = 0
+        for layer in self.convs:
             h = layer(h)
-            if i in (1, 3) and self.training and self.mixstyle:
-                h = mix_style(h, self.mixstyle)
+            if isinstance(layer, nn.ReLU):
+                relus += 1
+                if relus <= 2 and self.training and self.mixstyle:
+                    h = mix_style(h, self.mixstyle)
         return self.fc(_pool(h, self.pool))  # (B, F), h: (B, 4w, S/16, S/16)
 
 
@@ -179,6 +197,8 @@ def ImageTower(cfg: ImageTowerConfig) -> nn.Module:  # noqa: N802 - a factory st
     if cfg.arch == "conv4":
         return _ConvFlatTower(cfg)
     if cfg.arch == "patchres":
+        if cfg.ibn:
+            raise ValueError("image.ibn is built for arch conv4 only")
         return _PatchResTower(cfg)
     raise ValueError(f"image arch must be one of {', '.join(IMAGE_ARCHS)}, got {cfg.arch!r}")
 

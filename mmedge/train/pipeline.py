@@ -377,7 +377,7 @@ def _norm_stats(pcfg: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _uses_style_aug(s2: Any) -> bool:
-    return bool(s2.aug_shade or s2.aug_outline or s2.aug_color)
+    return bool(s2.aug_shade or s2.aug_outline or s2.aug_color or s2.aug_gray)
 
 
 def _style_augment(x: torch.Tensor, s2: Any, background: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
@@ -413,6 +413,10 @@ def _style_augment(x: torch.Tensor, s2: Any, background: torch.Tensor, norm: tup
         edge = ((spread > 0.2).to(x.dtype) * content + rim).clamp(max=1.0)
         strength = (0.4 + 0.5 * torch.rand(b, generator=g)).view(b, 1, 1, 1)
         v = v * (1.0 - on * strength * edge)
+    if s2.aug_gray:
+        on = (torch.rand(b, generator=g) < s2.aug_gray).to(x.dtype).view(b, 1, 1, 1)
+        lum = (v * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        v = v + on * content * (lum - v)
     return (v.clamp(0.0, 1.0) - mean) / std
 
 
@@ -824,7 +828,7 @@ def train(
 def _check_probabilities(cfg: TrainConfig) -> None:
     """The style-augmentation, MixStyle and weight-averaging settings are fractions."""
     fields = [("image.mixstyle", cfg.image.mixstyle, 1.0)] + [
-        (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in ("aug_shade", "aug_outline", "aug_color")
+        (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in ("aug_shade", "aug_outline", "aug_color", "aug_gray")
     ] + [("stage2.ema", cfg.stage2.ema, 0.9999999)]
     for name, v, top in fields:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= top:
