@@ -116,6 +116,7 @@ EXPERIMENTS += [
     ("default-90ep", ["stage2.epochs=90"]),
     ("default-ibn", ["image.ibn=true"]),
     ("default-gray0.2", ["stage2.aug_gray=0.2"]),
+    ("default-randconv0.3", ["stage2.aug_randconv=0.3"]),
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with

@@ -172,6 +172,20 @@ def test_grey_augmentation_keeps_the_background_and_the_light_to_dark_order():
     assert torch.equal(_style(u8, pcfg, 0, aug_gray=0.0), _style(u8, pcfg, 0))
 
 
+def test_randconv_changes_the_drawing_only_and_keeps_its_brightness_and_spread():
+    u8, pcfg = _two_tones()
+    orig = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0
+    rgb = _style(u8, pcfg, 0, aug_randconv=1.0)
+    assert torch.allclose(rgb[:, :, 0, 0], orig[:, :, 0, 0], atol=1e-5)  # background untouched
+    assert not torch.allclose(rgb[:, :, 8, 8], orig[:, :, 8, 8], atol=1e-2)
+    # re-standardised to the drawing's statistics: the mean over the two squares stays put
+    # (up to clamping at 0 and 1)
+    sq = torch.cat([rgb[:, :, 4:14, 4:14].flatten(1), rgb[:, :, 18:28, 18:28].flatten(1)], 1)
+    ref = torch.cat([orig[:, :, 4:14, 4:14].flatten(1), orig[:, :, 18:28, 18:28].flatten(1)], 1)
+    assert (sq.mean(1) - ref.mean(1)).abs().max() < 0.08
+    assert torch.equal(_style(u8, pcfg, 4, aug_randconv=0.5), _style(u8, pcfg, 4, aug_randconv=0.5))
+
+
 def test_ibn_normalises_half_the_channels_and_exports(tmp_path, synthetic_data, make_tiny_config):
     from mmedge.train.config import ImageTowerConfig
     from mmedge.train.models import ImageTower, _HalfInstanceNorm
@@ -451,7 +465,7 @@ def test_emoji_slice_through_the_csv_loader(tmp_path, emoji_slice, make_tiny_con
 
 @pytest.mark.parametrize("section,field,value", [("image", "mixstyle", 1.5), ("stage2", "aug_shade", -0.1),
                                                  ("stage2", "aug_color", "often"), ("stage2", "ema", 1.0),
-                                                 ("stage2", "aug_gray", 2)])
+                                                 ("stage2", "aug_gray", 2), ("stage2", "aug_randconv", -1)])
 def test_bad_style_settings_are_refused_before_anything_is_written(tmp_path, synthetic_data, capsys,
                                                                      section, field, value):
     cfg = tmp_path / "cfg.json"

@@ -113,6 +113,9 @@ class Stage2Config:
     # aug_gray: the drawing's colours replaced by their luminance (the tower must also learn
     # shapes; luminance keeps the light-to-dark order of skin tones)
     aug_gray: float = 0.0
+    # aug_randconv: RandConv (Xu et al., 2021) on the drawing: a random 1x1/3x3/5x5 convolution,
+    # re-standardised and blended with it (new textures and colour mixes, same shapes)
+    aug_randconv: float = 0.0
     # Hard negatives: beta > 0 re-weights in-batch negatives by exp(beta * similarity)
     # (Robinson et al., 2021), so near misses weigh more in the loss.
     hard_negative_beta: float = 0.0
@@ -176,7 +179,8 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
                             warmup_frac=0.05, embed_dim=128, init_temperature=0.07, head_init="random",
                             adversarial=False, multi_positive=False, alt_prob=0.0, text_drop=0.0,
                             aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0,
-                            aug_shade=0.0, aug_outline=0.0, aug_color=0.0, aug_gray=0.0, hard_negative_beta=0.0,
+                            aug_shade=0.0, aug_outline=0.0, aug_color=0.0, aug_gray=0.0, aug_randconv=0.0,
+                            hard_negative_beta=0.0,
                             ema=0.0),
         pca_dim=None,
         seed=seed,

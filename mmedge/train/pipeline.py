@@ -377,7 +377,7 @@ def _norm_stats(pcfg: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _uses_style_aug(s2: Any) -> bool:
-    return bool(s2.aug_shade or s2.aug_outline or s2.aug_color or s2.aug_gray)
+    return bool(s2.aug_shade or s2.aug_outline or s2.aug_color or s2.aug_gray or s2.aug_randconv)
 
 
 def _style_augment(x: torch.Tensor, s2: Any, background: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
@@ -417,6 +417,20 @@ def _style_augment(x: torch.Tensor, s2: Any, background: torch.Tensor, norm: tup
         on = (torch.rand(b, generator=g) < s2.aug_gray).to(x.dtype).view(b, 1, 1, 1)
         lum = (v * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
         v = v + on * content * (lum - v)
+    if s2.aug_randconv:
+        # RandConv (Xu et al., 2021): a random 1x1, 3x3 or 5x5 convolution per image (Gaussian
+        # weights), re-standardised to the drawing's mean and spread, blended with the image
+        on = (torch.rand(b, generator=g) < s2.aug_randconv).to(x.dtype).view(b, 1, 1, 1)
+        k = (1, 3, 5)[int(torch.randint(0, 3, (1,), generator=g))]
+        w = torch.randn(b * 3, 3, k, k, generator=g) / math.sqrt(3 * k * k)
+        r = F.conv2d(v.reshape(1, b * 3, hgt, wid), w, padding=k // 2, groups=b).reshape(b, 3, hgt, wid)
+        n = content.sum((1, 2, 3), keepdim=True).clamp(min=1.0) * 3
+        mu_v, mu_r = (v * content).sum((1, 2, 3), keepdim=True) / n, (r * content).sum((1, 2, 3), keepdim=True) / n
+        sd_v = (((v - mu_v) * content) ** 2).sum((1, 2, 3), keepdim=True).div(n).sqrt()
+        sd_r = (((r - mu_r) * content) ** 2).sum((1, 2, 3), keepdim=True).div(n).sqrt().clamp(min=1e-6)
+        r = (r - mu_r) / sd_r * sd_v + mu_v
+        alpha = torch.rand(b, 1, 1, 1, generator=g)
+        v = v + on * content * ((alpha * v + (1.0 - alpha) * r) - v)
     return (v.clamp(0.0, 1.0) - mean) / std
 
 
@@ -828,7 +842,7 @@ def train(
 def _check_probabilities(cfg: TrainConfig) -> None:
     """The style-augmentation, MixStyle and weight-averaging settings are fractions."""
     fields = [("image.mixstyle", cfg.image.mixstyle, 1.0)] + [
-        (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in ("aug_shade", "aug_outline", "aug_color", "aug_gray")
+        (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in ("aug_shade", "aug_outline", "aug_color", "aug_gray", "aug_randconv")
     ] + [("stage2.ema", cfg.stage2.ema, 0.9999999)]
     for name, v, top in fields:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= top:
