@@ -27,7 +27,7 @@ from mmedge.runtime.encoders import ImageEncoder, TextEncoder  # noqa: E402
 
 
 def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
+    return set(re.findall(r"[^\W_]+", text.lower()))
 
 
 def analyse(bundle: Path, rows: list[dict[str, str]], train_rows: list[dict[str, str]]) -> dict[str, object]:
