@@ -801,6 +801,13 @@ NOTES: list[str] = [
     "- Targets not met. Unseen style: 0.528 / 0.475 against 0.75; the towers fit their twitter training pairs but "
     "transfer only partly to google's drawings (docs/RECIPE.md, 'Artwork-style transfer'). Unseen concepts: 0.545 "
     "text->image R@10 against 0.70; the previous recipe, one `--config` away, gives 0.571 there.",
+    "- Where the misses are (`python benchmarks/quality_errors.py BUNDLE --protocol style|concept` on the (c) int8 "
+    "bundles; docs/RECIPE.md, 'Where the misses are'). Unseen style misses concepts, not skin tones: R@10 0.528, "
+    "0.571 when any tone of the right emoji counts; flags transfer (0.94), drawn animals, activities and objects do "
+    "not (0.33-0.49). Unseen concepts: 27.7 % of the test captions contain a word that no training caption or "
+    "alternative text contains (giraffe, watermelon, sunglasses, flag: anguilla); they reach R@10 0.117 and the "
+    "others 0.709, so 0.70 overall needs about 0.92 on the others, while nothing in the training data says what the "
+    "new words look like.",
     "- The seed's claim (earlier run, previous recipe): with all pairs, autoencoder pre-training (d) adds about "
     "+0.01 to +0.02 R@10 over (c) on both protocols (one seed, at the price of 3x the train time), and the "
     "adversarial discriminator (e) adds nothing over (d). With 10 % of the pairs, (d) does not beat (c): -0.009 "
