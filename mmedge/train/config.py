@@ -38,6 +38,8 @@ class ImageTowerConfig:
 @dataclass
 class TextTowerConfig:
     vocab_size: int = 0  # filled in from the trained tokenizer
+    # "transformer", or "bow": a bag of tokens (embeddings + an MLP of their mean; see models.py)
+    arch: str = "transformer"
     max_length: int = 48  # tokens per text incl. [CLS]; longer texts are truncated
     width: int = 96  # transformer model width
     layers: int = 2  # transformer blocks
@@ -172,7 +174,8 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
     return TrainConfig(
         image=ImageTowerConfig(image_size=64, width=16, feature_dim=256, arch="conv4", blocks=1, pool="flatten",
                                mixstyle=0.0, ibn=False),
-        text=TextTowerConfig(max_length=48, width=96, layers=2, heads=4, mlp_ratio=2, tokenizer_vocab=4000),
+        text=TextTowerConfig(max_length=48, width=96, layers=2, heads=4, mlp_ratio=2, tokenizer_vocab=4000,
+                             arch="transformer"),
         stage1=Stage1Config(enabled=True, image_epochs=1, text_epochs=2, batch_size=128, lr=2e-3,
                             noise_std=0.1, mask_prob=0.15, dedupe_texts=False),
         stage2=Stage2Config(method="contrastive", epochs=8, batch_size=256, lr=2e-3, weight_decay=0.05,

@@ -190,6 +190,7 @@ class _PatchResDecoder(nn.Module):
 
 
 IMAGE_ARCHS = ("conv4", "patchres")
+TEXT_ARCHS = ("transformer", "bow")
 
 
 def ImageTower(cfg: ImageTowerConfig) -> nn.Module:  # noqa: N802 - a factory standing in for a class
@@ -233,22 +234,41 @@ class _Block(nn.Module):
 
 
 class TextTower(nn.Module):
-    """(B, T) token ids + (B, T) mask -> per-token states (B, T, W) and pooled (B, W)."""
+    """(B, T) token ids + (B, T) mask -> per-token states (B, T, W) and pooled (B, W).
+
+    ``arch="transformer"``: learned positions and pre-norm transformer blocks.
+    ``arch="bow"``: a bag of tokens: each token's embedding plus an MLP of the masked mean
+    of all of them (no order, no attention), so its cost is one gather and a few small MLPs
+    per text instead of attention and MLPs per token.
+    """
 
     def __init__(self, cfg: TextTowerConfig) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("TextTowerConfig.vocab_size must be set from the tokenizer")
+        if cfg.arch not in TEXT_ARCHS:
+            raise ValueError(f"text arch must be one of {', '.join(TEXT_ARCHS)}, got {cfg.arch!r}")
+        self.arch = cfg.arch
         self.tok = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.pos = nn.Parameter(torch.zeros(1, cfg.max_length, cfg.width))
-        nn.init.normal_(self.pos, std=0.02)
-        self.blocks = nn.ModuleList(
-            [_Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)]
-        )
+        if self.arch == "transformer":
+            self.pos = nn.Parameter(torch.zeros(1, cfg.max_length, cfg.width))
+            nn.init.normal_(self.pos, std=0.02)
+            self.blocks = nn.ModuleList(
+                [_Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers)]
+            )
+        else:
+            hidden = cfg.width * cfg.mlp_ratio
+            self.mix = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, hidden), nn.GELU(),
+                                     nn.Linear(hidden, cfg.width))
         self.ln = nn.LayerNorm(cfg.width)
         self.feature_dim = cfg.width
 
     def states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.arch == "bow":
+            x = self.tok(ids)  # (B, T, W)
+            m = mask[:, :, None].to(x.dtype)
+            bag = (x * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, W)
+            return self.ln(x + self.mix(bag)[:, None])
         t = ids.shape[1]
         x = self.tok(ids) + self.pos[:, :t]  # (B, T, W)
         bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -1e4  # (B, 1, 1, T)
