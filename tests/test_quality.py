@@ -342,6 +342,31 @@ def test_patch_residual_tower_trains_and_exports_to_int8(tmp_path, synthetic_dat
     assert res.manifest["model_config"]["image"]["arch"] == "patchres"
 
 
+def test_bag_of_tokens_text_tower_ignores_order_and_padding_and_exports(tmp_path, synthetic_data, make_tiny_config):
+    from mmedge.train.config import TextTowerConfig
+    from mmedge.train.models import TextTower
+
+    torch.manual_seed(0)
+    tower = TextTower(TextTowerConfig(vocab_size=50, width=8, mlp_ratio=2, arch="bow")).eval()
+    ids = torch.tensor([[2, 7, 9, 11, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        out = tower(ids, mask)
+        assert torch.allclose(out, tower(torch.tensor([[2, 11, 7, 9, 0, 0]]), mask), atol=1e-6)  # a bag
+        assert torch.allclose(out, tower(ids[:, :4], mask[:, :4]), atol=1e-6)  # padding is ignored
+        assert torch.allclose(out, tower(torch.tensor([[2, 7, 9, 11, 33, 44]]), mask), atol=1e-6)
+        assert not torch.allclose(out, tower(torch.tensor([[2, 7, 9, 12]]), mask[:, :4]), atol=1e-4)
+    assert not hasattr(tower, "blocks") and not hasattr(tower, "pos")
+    with pytest.raises(ValueError, match="text arch"):
+        TextTower(TextTowerConfig(vocab_size=50, arch="lstm"))
+    cfg = make_tiny_config(epochs=1)
+    cfg.text.arch = "bow"
+    train(synthetic_data["train"], tmp_path / "run", cfg)
+    res = export(tmp_path / "run", tmp_path / "bundle", quantize="int8")  # raises if parity is off
+    assert res.manifest["model_config"]["text"]["arch"] == "bow"
+    assert res.manifest["parity"]["text"]["mean_cosine"] > 0.99
+
+
 # ----------------------------------------------------------------------------- viz
 
 
