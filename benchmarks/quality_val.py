@@ -119,7 +119,8 @@ EXPERIMENTS += [
     ("default-randconv0.3", ["stage2.aug_randconv=0.3"]),
     ("default-seed1", ["seed=1"]),
     ("default-textbow", ["text.arch=bow"]),
-    ("default-textbow-w192", ["text.arch=bow", "text.width=192"]),  # the default again with another seed: the noise of one run
+    ("default-textbow-w192", ["text.arch=bow", "text.width=192"]),
+    ("default-textbow-seed1", ["text.arch=bow", "seed=1"]),  # the default again with another seed: the noise of one run
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with
