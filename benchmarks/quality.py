@@ -804,8 +804,8 @@ NOTES: list[str] = [
     "- Export changed after these runs: the int8 rows were measured with the image tower in static QDQ int8 "
     "(`int8-qdq-static`); int8 bundles exported now store the image tower's weights in int8 and compute in fp32 "
     "(`int8-weights`, docs/ARCHITECTURE.md), whose embeddings are closer to fp32 (max abs difference 0.0008 "
-    "against 0.005 on the demo tower), so each int8 row now lies between its recorded value and the fp32 row "
-    "beside it.",
+    "against 0.005 on the demo tower); the int8 rows were not re-measured with it, and the fp32 rows beside them "
+    "are unaffected.",
     "- Where the misses are (`python benchmarks/quality_errors.py BUNDLE --protocol style|concept` on the (c) int8 "
     "bundles; docs/RECIPE.md, 'Where the misses are'). Unseen style misses concepts, not skin tones: R@10 0.528, "
     "0.571 when any tone of the right emoji counts; flags transfer (0.94), drawn animals, activities and objects do "
