@@ -488,6 +488,23 @@ def test_emoji_slice_through_the_csv_loader(tmp_path, emoji_slice, make_tiny_con
     assert res.metrics["n_alt_texts"] == sum(len(p.extra["alt_captions"].split("|")) for p in style_train.pairs)
 
 
+@pytest.mark.parametrize("section,field,value,message", [
+    ("text", "arch", "lstm", "text.arch must be one of 'transformer', 'bow'"),
+    ("image", "arch", "vit", "image.arch must be one of 'conv4', 'patchres'"),
+    ("image", "ibn", "yes", "image.ibn must be true or false"),
+    ("stage2", "method", "gan", "stage2.method must be one of"),
+])
+def test_bad_architecture_settings_are_refused_before_anything_is_written(tmp_path, synthetic_data, capsys,
+                                                                            section, field, value, message):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({section: {field: value}}))
+    code, out, err = _run_main(capsys, "train", synthetic_data["train"], "--out", tmp_path / "run",
+                               "--config", cfg, "--no-progress")
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("section,field,value", [("image", "mixstyle", 1.5), ("stage2", "aug_shade", -0.1),
                                                  ("stage2", "aug_color", "often"), ("stage2", "ema", 1.0),
                                                  ("stage2", "aug_gray", 2), ("stage2", "aug_randconv", -1)])

@@ -839,10 +839,22 @@ def train(
         _CTX = DistContext()
 
 
-def _check_probabilities(cfg: TrainConfig) -> None:
-    """The style-augmentation, MixStyle and weight-averaging settings are fractions."""
+def _check_settings(cfg: TrainConfig) -> None:
+    """Settings a run would only trip over later (tower architectures, switches, fractions),
+    refused with one line before the run folder is written."""
+    from mmedge.train.models import IMAGE_ARCHS, TEXT_ARCHS
+
+    for name, v, allowed in (("image.arch", cfg.image.arch, IMAGE_ARCHS), ("text.arch", cfg.text.arch, TEXT_ARCHS),
+                             ("stage2.method", cfg.stage2.method, ("contrastive", "cca"))):
+        if v not in allowed:
+            raise TrainError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {v!r}")
+    if not isinstance(cfg.image.ibn, bool):
+        raise TrainError(f"image.ibn must be true or false, got {cfg.image.ibn!r}")
+    if cfg.image.ibn and cfg.image.arch != "conv4":
+        raise TrainError(f"image.ibn is built for image.arch 'conv4' only, got {cfg.image.arch!r}")
+    augs = ("aug_shade", "aug_outline", "aug_color", "aug_gray", "aug_randconv")
     fields = [("image.mixstyle", cfg.image.mixstyle, 1.0)] + [
-        (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in ("aug_shade", "aug_outline", "aug_color", "aug_gray", "aug_randconv")
+        (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in augs
     ] + [("stage2.ema", cfg.stage2.ema, 0.9999999)]
     for name, v, top in fields:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= top:
@@ -861,13 +873,11 @@ def _train(
     stage1_from: str | Path | None = None,
 ) -> TrainResult:
     cfg = config or TrainConfig()
-    _check_probabilities(cfg)
+    _check_settings(cfg)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.stage2.method not in ("contrastive", "cca"):
-        raise TrainError(f"stage2.method must be 'contrastive' or 'cca', got {cfg.stage2.method!r}")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     pairs = _as_pairs(data)
