@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_data as qd  # noqa: E402
 
+from mmedge.errors import MmedgeError  # noqa: E402
 from mmedge.runtime.encoders import ImageEncoder, TextEncoder  # noqa: E402
 
 
@@ -83,12 +84,19 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=qd.DEFAULT_ROOT)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmedge-quality-errors"))
     args = ap.parse_args()
+    if not (args.data / "captions.csv").is_file():
+        print(f"error: {args.data} is not the emoji dataset folder (no captions.csv)", file=sys.stderr)
+        return 2
     csvs = qd.write_protocol_csvs(args.work, args.data)
     with open(csvs[f"{args.protocol}_test"], newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     with open(csvs[f"{args.protocol}_train"], newline="", encoding="utf-8") as f:
         train_rows = list(csv.DictReader(f))
-    res = analyse(args.bundle, rows, train_rows)
+    try:
+        res = analyse(args.bundle, rows, train_rows)
+    except MmedgeError as exc:  # a bad bundle or image: one line, nothing written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"# text->image misses of {args.bundle} ({args.protocol} protocol)\n")
     print(f"{res['queries']} caption queries against {res['images']} images.\n")
     print(f"- R@10, the emoji itself: {res['r10']:.3f}")
