@@ -121,6 +121,13 @@ EXPERIMENTS += [
     ("default-textbow", ["text.arch=bow"]),
     ("default-textbow-w192", ["text.arch=bow", "text.width=192"]),
     ("default-textbow-seed1", ["text.arch=bow", "seed=1"]),  # the default again with another seed: the noise of one run
+    # geometric augmentation against "the same object drawn otherwise": a smooth local warp,
+    # and random erasing of a part
+    ("default-elastic0.5", ["stage2.aug_elastic=0.5"]),
+    ("default-erase0.3", ["stage2.aug_erase=0.3"]),
+    ("default-elastic0.5-erase0.3", ["stage2.aug_elastic=0.5", "stage2.aug_erase=0.3"]),
+    ("default-elastic0.5-seed1", ["stage2.aug_elastic=0.5", "seed=1"]),
+    ("default-erase0.3-seed1", ["stage2.aug_erase=0.3", "seed=1"]),
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with

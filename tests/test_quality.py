@@ -186,6 +186,60 @@ def test_randconv_changes_the_drawing_only_and_keeps_its_brightness_and_spread()
     assert torch.equal(_style(u8, pcfg, 4, aug_randconv=0.5), _style(u8, pcfg, 4, aug_randconv=0.5))
 
 
+def _red_square(n: int = 8) -> tuple[torch.Tensor, PreprocessConfig]:
+    u8 = np.full((n, 32, 32, 3), 255, np.uint8)
+    u8[:, 8:24, 8:24] = (255, 0, 0)
+    pcfg = PreprocessConfig(size=(32, 32), resize_filter="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    return torch.from_numpy(pcfg.normalize(u8)), pcfg
+
+
+def _geometric(**kw: float) -> Stage2Config:
+    base = {k: 0.0 for k in ("aug_scale", "aug_translate", "aug_rotate", "aug_blur", "aug_shade", "aug_outline",
+                             "aug_color")}
+    return Stage2Config(**{**base, **kw})
+
+
+def test_elastic_warp_bends_edges_locally_and_keeps_colours():
+    from mmedge.train.pipeline import _elastic_field, _white
+
+    x, pcfg = _red_square()
+    y = augment_images(x, _geometric(aug_elastic=1.0, aug_elastic_strength=0.1), _white(pcfg),
+                       torch.Generator().manual_seed(0))
+    rgb = y * torch.tensor(pcfg.std)[None, :, None, None] + torch.tensor(pcfg.mean)[None, :, None, None]
+    assert torch.allclose(rgb[:, 0], torch.ones_like(rgb[:, 0]), atol=1e-5)  # only red and white
+    assert torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
+    redness = 1.0 - rgb[:, 1]  # 1 on red, 0 on white
+    assert not torch.allclose(redness, 1.0 - (x * torch.tensor(pcfg.std)[None, :, None, None]
+                                              + torch.tensor(pcfg.mean)[None, :, None, None])[:, 1], atol=0.05)
+    # a local warp, not a shift: the square's left edge moves by different amounts along its height
+    left = (redness[:, 8:24, :16] > 0.5).float().argmax(2).float()  # first red column per row
+    assert (left.max(1).values - left.min(1).values >= 1).any()
+    # displacements stay near the strength (grid units: 2 per side; bicubic interpolation
+    # overshoots the control points a little), and vanish at p = 0
+    f = _elastic_field(64, 32, 32, _geometric(aug_elastic=1.0, aug_elastic_strength=0.05),
+                       torch.Generator().manual_seed(1))
+    assert f.shape == (64, 32, 32, 2) and f.abs().max() <= 0.125 and f.abs().max() > 0.05
+    assert torch.equal(_elastic_field(4, 32, 32, _geometric(aug_elastic=0.0), torch.Generator()),
+                       torch.zeros(4, 32, 32, 2))
+
+
+def test_random_erasing_paints_one_background_rectangle():
+    from mmedge.train.pipeline import _white
+
+    x, pcfg = _red_square(32)
+    bg = _white(pcfg)
+    y = augment_images(x, _geometric(aug_erase=1.0), bg, torch.Generator().manual_seed(0))
+    changed = (y != x).any(1)  # (B, H, W)
+    erased = (y == bg).all(1) & ~(x == bg).all(1)
+    assert torch.equal(changed, erased)  # every change is a red pixel turned background
+    assert changed.flatten(1).any(1).sum() > 16  # most rectangles hit the square
+    for m in changed:  # each change lies in one rectangle of at most 25 % of the image
+        if m.any():
+            rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
+            assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) <= 0.25 * 32 * 32 + 64
+    assert torch.equal(augment_images(x, _geometric(aug_erase=0.0), bg, torch.Generator()), x)
+
+
 def test_ibn_normalises_half_the_channels_and_exports(tmp_path, synthetic_data, make_tiny_config):
     from mmedge.train.config import ImageTowerConfig
     from mmedge.train.models import ImageTower, _HalfInstanceNorm
@@ -507,7 +561,8 @@ def test_bad_architecture_settings_are_refused_before_anything_is_written(tmp_pa
 
 @pytest.mark.parametrize("section,field,value", [("image", "mixstyle", 1.5), ("stage2", "aug_shade", -0.1),
                                                  ("stage2", "aug_color", "often"), ("stage2", "ema", 1.0),
-                                                 ("stage2", "aug_gray", 2), ("stage2", "aug_randconv", -1)])
+                                                 ("stage2", "aug_gray", 2), ("stage2", "aug_randconv", -1),
+                                                 ("stage2", "aug_elastic", 1.2), ("stage2", "aug_erase", "half")])
 def test_bad_style_settings_are_refused_before_anything_is_written(tmp_path, synthetic_data, capsys,
                                                                      section, field, value):
     cfg = tmp_path / "cfg.json"

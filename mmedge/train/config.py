@@ -118,6 +118,14 @@ class Stage2Config:
     # aug_randconv: RandConv (Xu et al., 2021) on the drawing: a random 1x1/3x3/5x5 convolution,
     # re-standardised and blended with it (new textures and colour mixes, same shapes)
     aug_randconv: float = 0.0
+    # aug_elastic: a smooth random warp (displacements drawn on a 4x4 grid of control points,
+    # up to aug_elastic_strength of the side, interpolated between them) on top of the zoom,
+    # shift and rotation: the same object drawn with other proportions and curves
+    aug_elastic: float = 0.0
+    aug_elastic_strength: float = 0.06
+    # aug_erase: a random rectangle (5-25 % of the image) painted in the background colour,
+    # so the tower cannot rely on one part of a drawing
+    aug_erase: float = 0.0
     # Hard negatives: beta > 0 re-weights in-batch negatives by exp(beta * similarity)
     # (Robinson et al., 2021), so near misses weigh more in the loss.
     hard_negative_beta: float = 0.0
@@ -183,6 +191,7 @@ def synthetic_recipe(seed: int = 0) -> TrainConfig:
                             adversarial=False, multi_positive=False, alt_prob=0.0, text_drop=0.0,
                             aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_blur=0.0,
                             aug_shade=0.0, aug_outline=0.0, aug_color=0.0, aug_gray=0.0, aug_randconv=0.0,
+                            aug_elastic=0.0, aug_elastic_strength=0.06, aug_erase=0.0,
                             hard_negative_beta=0.0,
                             ema=0.0),
         pca_dim=None,

@@ -434,9 +434,39 @@ def _style_augment(x: torch.Tensor, s2: Any, background: torch.Tensor, norm: tup
     return (v.clamp(0.0, 1.0) - mean) / std
 
 
+def _elastic_field(b: int, hgt: int, wid: int, s2: Any, g: torch.Generator) -> torch.Tensor:
+    """(B, H, W, 2) smooth displacements in grid units (2 per side) for ``aug_elastic``:
+    uniform in +-2*strength on a 4x4 grid of control points, bicubically interpolated (which
+    overshoots them by up to about a quarter); images not picked (probability 1 - aug_elastic)
+    get zero."""
+    on = (torch.rand(b, generator=g) < s2.aug_elastic).to(torch.float32).view(b, 1, 1, 1)
+    ctrl = (torch.rand(b, 2, 4, 4, generator=g) * 2.0 - 1.0) * (2.0 * s2.aug_elastic_strength) * on
+    field = F.interpolate(ctrl, size=(hgt, wid), mode="bicubic", align_corners=True)
+    return field.permute(0, 2, 3, 1)
+
+
+def _erase(x: torch.Tensor, p: float, background: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random erasing: with probability ``p`` per image, one rectangle covering 5-25 % of the
+    image (aspect ratio 1/2 to 2) is painted in the background colour."""
+    b, _, hgt, wid = x.shape
+    area = (0.05 + 0.2 * torch.rand(b, generator=g)) * (hgt * wid)
+    aspect = torch.exp((torch.rand(b, generator=g) * 2.0 - 1.0) * math.log(2.0))
+    rh = (area * aspect).sqrt().clamp(1, hgt)
+    rw = (area / aspect).sqrt().clamp(1, wid)
+    y0 = torch.rand(b, generator=g) * (hgt - rh)
+    x0 = torch.rand(b, generator=g) * (wid - rw)
+    on = torch.rand(b, generator=g) < p
+    ys = torch.arange(hgt, dtype=torch.float32).view(1, hgt, 1)
+    xs = torch.arange(wid, dtype=torch.float32).view(1, 1, wid)
+    box = ((ys >= y0.view(b, 1, 1)) & (ys < (y0 + rh).view(b, 1, 1))
+           & (xs >= x0.view(b, 1, 1)) & (xs < (x0 + rw).view(b, 1, 1)) & on.view(b, 1, 1))
+    return torch.where(box[:, None], background.to(x.dtype).expand_as(x), x)
+
+
 def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.Generator,
                    norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Augmentation of normalised pixels (B, 3, S, S): random zoom, shift and rotation on the
+    background colour (with ``aug_elastic`` a smooth local warp as well), random erasing to the
     background colour, an occasional 3x3 blur, and the optional style augmentation
     (``norm`` = (mean, std) of the normalisation, needed for it). Hues are never changed,
     so skin tones keep their meaning."""
@@ -445,7 +475,7 @@ def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.
         if norm is None:
             raise ValueError("style augmentation needs the normalisation (mean, std)")
         x = _style_augment(x, s2, background, norm, g)
-    if s2.aug_scale or s2.aug_translate or s2.aug_rotate:
+    if s2.aug_scale or s2.aug_translate or s2.aug_rotate or s2.aug_elastic:
         u = torch.rand(b, 4, generator=g) * 2.0 - 1.0
         zoom = 1.0 + s2.aug_scale * u[:, 0]  # > 1 enlarges the content
         ang = u[:, 1] * (s2.aug_rotate * math.pi / 180.0)
@@ -454,8 +484,12 @@ def augment_images(x: torch.Tensor, s2: Any, background: torch.Tensor, g: torch.
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
                              torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        if s2.aug_elastic:
+            grid = grid + _elastic_field(b, x.shape[2], x.shape[3], s2, g)
         x = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros",
                           align_corners=False) + background
+    if s2.aug_erase:
+        x = _erase(x, s2.aug_erase, background, g)
     if s2.aug_blur:
         pick = torch.nonzero(torch.rand(b, generator=g) < s2.aug_blur).squeeze(1)
         if len(pick):
@@ -852,7 +886,8 @@ def _check_settings(cfg: TrainConfig) -> None:
         raise TrainError(f"image.ibn must be true or false, got {cfg.image.ibn!r}")
     if cfg.image.ibn and cfg.image.arch != "conv4":
         raise TrainError(f"image.ibn is built for image.arch 'conv4' only, got {cfg.image.arch!r}")
-    augs = ("aug_shade", "aug_outline", "aug_color", "aug_gray", "aug_randconv")
+    augs = ("aug_shade", "aug_outline", "aug_color", "aug_gray", "aug_randconv", "aug_elastic", "aug_erase",
+            "aug_elastic_strength")
     fields = [("image.mixstyle", cfg.image.mixstyle, 1.0)] + [
         (f"stage2.{k}", getattr(cfg.stage2, k), 1.0) for k in augs
     ] + [("stage2.ema", cfg.stage2.ema, 0.9999999)]
