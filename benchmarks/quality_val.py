@@ -128,6 +128,9 @@ EXPERIMENTS += [
     ("default-elastic0.5-erase0.3", ["stage2.aug_elastic=0.5", "stage2.aug_erase=0.3"]),
     ("default-elastic0.5-seed1", ["stage2.aug_elastic=0.5", "seed=1"]),
     ("default-erase0.3-seed1", ["stage2.aug_erase=0.3", "seed=1"]),
+    # more compute: a residual conv at the 8x8 and 4x4 grids (1.9x the multiply-adds), or 120 epochs
+    ("default-extra2", ["image.extra_convs=2"]),
+    ("default-120ep", ["stage2.epochs=120"]),
 ]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with

@@ -259,6 +259,33 @@ def test_ibn_normalises_half_the_channels_and_exports(tmp_path, synthetic_data, 
     assert res.manifest["parity"]["image"]["mean_cosine"] > 0.999
 
 
+def test_extra_convs_start_as_the_identity_learn_and_export(tmp_path, synthetic_data, make_tiny_config):
+    from mmedge.train.config import ImageTowerConfig
+    from mmedge.train.models import ImageTower
+
+    plain = ImageTower(ImageTowerConfig(width=8, feature_dim=16, mixstyle=0.0))
+    deep = ImageTower(ImageTowerConfig(width=8, feature_dim=16, mixstyle=0.0, extra_convs=2))
+    convs = [m for m in deep.convs if isinstance(m, torch.nn.Conv2d)]
+    for src, dst in zip([m for m in plain.convs if isinstance(m, torch.nn.Conv2d)], convs):
+        dst.load_state_dict(src.state_dict())
+    deep.fc.load_state_dict(plain.fc.state_dict())
+    x = torch.randn(4, 3, 64, 64)
+    assert len(convs) == 4 and sum(p.numel() for p in deep.parameters()) == (
+        sum(p.numel() for p in plain.parameters()) + 2 * (32 * 32 * 9 + 32))
+    assert torch.allclose(deep(x), plain(x), atol=1e-6)  # zero-initialised blocks: the identity
+    deep(x).square().sum().backward()
+    extra = [m.conv for m in deep.convs if hasattr(m, "conv")]
+    assert len(extra) == 2 and all(c.weight.grad.abs().sum() > 0 for c in extra)
+    with pytest.raises(ValueError, match="conv4"):
+        ImageTower(ImageTowerConfig(arch="patchres", extra_convs=1))
+    cfg = make_tiny_config(epochs=1)
+    cfg.image.extra_convs = 1
+    train(synthetic_data["train"], tmp_path / "run", cfg)
+    res = export(tmp_path / "run", tmp_path / "bundle", quantize="int8")  # parity checks inside
+    assert res.manifest["model_config"]["image"]["extra_convs"] == 1
+    assert res.manifest["parity"]["image"]["mean_cosine"] > 0.999
+
+
 def test_mixstyle_mixes_feature_statistics_in_training_only():
     from mmedge.train.config import ImageTowerConfig
     from mmedge.train.models import ImageTower, mix_style
@@ -547,6 +574,8 @@ def test_emoji_slice_through_the_csv_loader(tmp_path, emoji_slice, make_tiny_con
     ("image", "arch", "vit", "image.arch must be one of 'conv4', 'patchres'"),
     ("image", "ibn", "yes", "image.ibn must be true or false"),
     ("stage2", "method", "gan", "stage2.method must be one of"),
+    ("image", "extra_convs", 5, "image.extra_convs must be an integer from 0 to 4"),
+    ("image", "extra_convs", 1.5, "image.extra_convs must be an integer from 0 to 4"),
 ])
 def test_bad_architecture_settings_are_refused_before_anything_is_written(tmp_path, synthetic_data, capsys,
                                                                             section, field, value, message):

@@ -33,6 +33,9 @@ class ImageTowerConfig:
     # convs of conv4, in training and inference, so those channels lose each image's contrast
     # and brightness (artwork style) while the other half keeps absolute colour (skin tones)
     ibn: bool = False
+    # conv4 only: a residual 3x3 convolution (relu(x + conv(x)), starting at zero) after each of the
+    # last `extra_convs` stride-2 convs (0 to 4), for more depth at the coarse grids
+    extra_convs: int = 0
 
 
 @dataclass

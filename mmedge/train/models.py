@@ -52,6 +52,20 @@ class _HalfInstanceNorm(nn.Module):
         return torch.cat([self.norm(h[:, : self.k]), h[:, self.k :]], 1)
 
 
+class _ResConv(nn.Module):
+    """relu(x + conv3x3(x)) on non-negative x, the conv starting at zero, so the block starts
+    as the identity and its conv still gets gradients."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv(x))
+
+
 class _ConvFlatTower(nn.Module):
     """``arch="conv4"``: (B, 3, S, S) normalised pixels -> (B, feature_dim).
 
@@ -71,6 +85,8 @@ class _ConvFlatTower(nn.Module):
             if cfg.ibn and i < 2:
                 layers += [_HalfInstanceNorm(cout)]
             layers += [nn.ReLU()]
+            if i >= 4 - cfg.extra_convs:
+                layers += [_ResConv(cout)]
         self.convs = nn.Sequential(*layers)
         self.grid = cfg.image_size // 16
         c = chans[-1]
@@ -198,8 +214,8 @@ def ImageTower(cfg: ImageTowerConfig) -> nn.Module:  # noqa: N802 - a factory st
     if cfg.arch == "conv4":
         return _ConvFlatTower(cfg)
     if cfg.arch == "patchres":
-        if cfg.ibn:
-            raise ValueError("image.ibn is built for arch conv4 only")
+        if cfg.ibn or cfg.extra_convs:
+            raise ValueError("image.ibn and image.extra_convs are built for arch conv4 only")
         return _PatchResTower(cfg)
     raise ValueError(f"image arch must be one of {', '.join(IMAGE_ARCHS)}, got {cfg.arch!r}")
 

@@ -884,6 +884,11 @@ def _check_settings(cfg: TrainConfig) -> None:
             raise TrainError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {v!r}")
     if not isinstance(cfg.image.ibn, bool):
         raise TrainError(f"image.ibn must be true or false, got {cfg.image.ibn!r}")
+    ex = cfg.image.extra_convs
+    if isinstance(ex, bool) or not isinstance(ex, int) or not 0 <= ex <= 4:
+        raise TrainError(f"image.extra_convs must be an integer from 0 to 4, got {ex!r}")
+    if ex and cfg.image.arch != "conv4":
+        raise TrainError(f"image.extra_convs is built for image.arch 'conv4' only, got {cfg.image.arch!r}")
     if cfg.image.ibn and cfg.image.arch != "conv4":
         raise TrainError(f"image.ibn is built for image.arch 'conv4' only, got {cfg.image.arch!r}")
     augs = ("aug_shade", "aug_outline", "aug_color", "aug_gray", "aug_randconv", "aug_elastic", "aug_erase",
