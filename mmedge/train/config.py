@@ -74,7 +74,7 @@ class Stage2Config:
     method: str = "contrastive"
     cca_reg: float = 1e-2  # CCA covariance ridge, relative to the mean eigenvalue
     cca_power: float = 1.0  # canonical directions weighted by correlation ** cca_power
-    epochs: int = 60
+    epochs: int = 120
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
