@@ -130,6 +130,7 @@ EXPERIMENTS += [(name, EPOCHS60 + ov) for name, ov in [
     # more compute: a residual conv at the 8x8 and 4x4 grids (1.9x the multiply-adds), or 120 epochs
     ("default-extra2", ["image.extra_convs=2"]),
     ("default-120ep", ["stage2.epochs=120"]),  # TrainConfig() from here on
+    ("default-120ep-seed1", ["stage2.epochs=120", "seed=1"]),
 ]]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with
