@@ -632,6 +632,8 @@ def write_chart(res: dict[str, Any], path: Path) -> bool:
     w = 0.16
     for j, m in enumerate(methods):
         vals, hatch = [], False
+        # rows kept from an earlier run (--rows default) were trained with that run's recipe
+        earlier = any(r.get("from_run") for r in rows if r["method"] == m and r["regime"] == "full")
         for p, d in groups:
             r = next((r for r in rows if r["protocol"] == p and r["method"] == m and r["regime"] == "full"), None)
             mm = _metrics_of(r, "int8") if r else None
@@ -640,7 +642,8 @@ def write_chart(res: dict[str, Any], path: Path) -> bool:
             vals.append(mm[d]["R@10"] if mm else 0.0)
         xs = [i + (j - 2) * w for i in range(len(groups))]
         ax1.bar(xs, vals, w, color=colours[m], hatch="//" if hatch else None, edgecolor="white" if hatch else None,
-                label=LABELS[m] + (" (fp32: int8 refused)" if hatch else ""))
+                alpha=0.55 if earlier else 1.0,
+                label=LABELS[m] + (" (fp32: int8 refused)" if hatch else "") + (" †" if earlier else ""))
     for i, (p, d) in enumerate(groups):
         thr = {("style", "text_to_image"): 0.75, ("style", "image_to_text"): 0.75,
                ("concept", "text_to_image"): 0.70}.get((p, d))
@@ -651,7 +654,8 @@ def write_chart(res: dict[str, Any], path: Path) -> bool:
     ax1.set_ylim(0, 1.3)
     ax1.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax1.set_ylabel("R@10 (int8 bundle; (a) numpy)")
-    ax1.set_title("All pairs", fontsize=10)
+    kept = any(r.get("from_run") for r in rows)
+    ax1.set_title("All pairs" + (" († pale: earlier run, older recipe)" if kept else ""), fontsize=10)
     ax1.legend(fontsize=6.5, loc="upper center", ncol=2, frameon=False)
     low = res.get("low_pairs") or {}
     for j, m in enumerate(("c", "d", "e")):
@@ -665,7 +669,8 @@ def write_chart(res: dict[str, Any], path: Path) -> bool:
     ax2.set_xticks(range(len(groups)), gl, fontsize=8)
     ax2.set_ylim(0, 1.3)
     ax2.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax2.set_title(f"{res.get('fraction', 0.1) * 100:.0f} % of pairs, rest unpaired (mean ± std over seeds)", fontsize=10)
+    ax2.set_title(f"{res.get('fraction', 0.1) * 100:.0f} % of pairs, rest unpaired (mean ± std over seeds)"
+                  + (" †" if low_kept(rows) else ""), fontsize=10)
     ax2.legend(fontsize=6.5, loc="upper center", ncol=2, frameon=False)
     for p, d in groups:
         pts = sorted((r["index_bytes"] / r["int8"]["image_to_text"]["n_queries"], r["int8"][d]["R@10"])

@@ -131,6 +131,7 @@ EXPERIMENTS += [(name, EPOCHS60 + ov) for name, ov in [
     ("default-extra2", ["image.extra_convs=2"]),
     ("default-120ep", ["stage2.epochs=120"]),  # TrainConfig() from here on
     ("default-120ep-seed1", ["stage2.epochs=120", "seed=1"]),
+    ("default-240ep", ["stage2.epochs=240"]),  # does doubling again still pay?
 ]]
 
 # 10 % of the val training pairs as pairs, everything else unpaired; (c) vs (d) vs (e) with
